@@ -1,0 +1,184 @@
+"""Server configuration: one frozen dataclass, filled from flags and ``SSESERVER_*`` variables.
+
+Pure: no asyncio, no sockets. Flags win over the environment, which wins over defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+
+SECONDS = 1.0
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """``count`` requests per ``window_s`` seconds."""
+
+    count: int
+    window_s: float
+
+
+def parse_rate(text: str) -> Rate | None:
+    """``"3/60s"`` → Rate(3, 60); ``"off"`` or empty → None. Units: s, m, h (default s)."""
+    text = text.strip().lower()
+    if text in ("", "off", "none", "0"):
+        return None
+    m = re.fullmatch(r"(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*(s|sec|m|min|h)?", text)
+    if not m or int(m.group(1)) <= 0:
+        raise ValueError(f"rate must look like '3/60s', got {text!r}")
+    amount = float(m.group(2) or 1)
+    unit = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}[m.group(3) or "s"]
+    return Rate(int(m.group(1)), amount * unit)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    provider: str = "synthetic"
+    openai_base_url: str | None = None
+    gemini_base_url: str | None = None
+    upstream_timeout_s: float = 30 * SECONDS
+    # 15 s: under the 30-60 s idle timeouts of common proxies and load balancers.
+    heartbeat_s: float = 15 * SECONDS
+    retry_ms: int = 2000
+    # 10 s to send a request head: generous for real clients, fatal to slowloris.
+    header_timeout_s: float = 10 * SECONDS
+    keepalive_timeout_s: float = 5 * SECONDS
+    max_connections: int = 100_000
+    # 16 KiB: h11's default head limit, and more than any browser sends.
+    max_head_bytes: int = 16 * KiB
+    max_body_bytes: int = 1 * MiB
+    # 256 KiB per connection: ~1000 typical events of slack before a slow reader counts.
+    write_buffer_bytes: int = 256 * KiB
+    resume_grace_s: float = 0.0
+    history: int = 1000
+    history_age_s: float = 3600.0
+    max_stream_s: float = 0.0  # 0 = no limit
+    hub: str = "memory"
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    rate: Rate | None = None
+    max_streams_per_subject: int = 0  # 0 = no cap
+    trusted_proxies: tuple[str, ...] = ()
+    shutdown_grace_s: float = 10 * SECONDS
+    log_level: str = "info"
+    log_format: str = "text"
+    loop: str = "auto"
+    static_dir: str | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def validate(self) -> Config:
+        """Raise ValueError naming the first option out of range."""
+        positive = (
+            "heartbeat_s",
+            "header_timeout_s",
+            "keepalive_timeout_s",
+            "max_connections",
+            "max_head_bytes",
+            "max_body_bytes",
+            "write_buffer_bytes",
+            "upstream_timeout_s",
+            "workers",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("resume_grace_s", "shutdown_grace_s", "retry_ms", "history", "max_stream_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative")
+        if not 0 < self.port < 65536 and self.port != 0:
+            raise ValueError("--port must be 0..65535")
+        if self.log_format not in ("text", "json"):
+            raise ValueError("--log-format must be 'text' or 'json'")
+        if self.loop not in ("auto", "asyncio", "uvloop"):
+            raise ValueError("--loop must be auto, asyncio or uvloop")
+        if self.hub != "memory" and not self.hub.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("--hub must be 'memory' or a redis:// URL")
+        return self
+
+
+# Environment variables that are not SSESERVER_<FLAG>.
+_ENV_ALIASES = {
+    "openai_base_url": ("OPENAI_BASE_URL",),
+    "jwt_public_key": ("SSESERVER_JWT_PUBLIC_KEY",),
+}
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _converter(name: str, default: object) -> object:
+    if name in ("cors_origins", "trusted_proxies"):
+        return _csv
+    if name == "rate":
+        return parse_rate
+    if isinstance(default, bool):
+        return lambda s: s.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return float
+    return str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sseserver",
+        description="A lean HTTP/1.1 Server-Sent Events server for LLM streaming and pub/sub.",
+    )
+    defaults = Config()
+    for f in fields(Config):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        env = "SSESERVER_" + f.name.upper()
+        shown = "none" if default in (None, ()) else default
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=_converter(f.name, default),  # type: ignore[arg-type]
+            default=None,
+            help=f"(env {env}; default {shown})",
+        )
+    return parser
+
+
+def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Config:
+    """Flags, then environment, then defaults.
+
+    Raises:
+        SystemExit: bad flags (argparse's behaviour).
+        ValueError: a value out of range or unparsable environment variable.
+    """
+    args = build_parser().parse_args(argv)
+    defaults = Config()
+    values: dict[str, object] = {}
+    for f in fields(Config):
+        if f.name == "extra":
+            continue
+        flag_value = getattr(args, f.name)
+        if flag_value is not None:
+            values[f.name] = flag_value
+            continue
+        names = ("SSESERVER_" + f.name.upper(), *_ENV_ALIASES.get(f.name, ()))
+        for env_name in names:
+            if environ.get(env_name):
+                convert = _converter(f.name, getattr(defaults, f.name))
+                try:
+                    values[f.name] = convert(environ[env_name])  # type: ignore[operator]
+                except ValueError as exc:
+                    raise ValueError(f"{env_name}: {exc}") from None
+                break
+    return Config(**values).validate()  # type: ignore[arg-type]

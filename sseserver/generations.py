@@ -1,0 +1,312 @@
+"""Model generations as hub topics (SPEC §8): one upstream call, many viewers, resumable.
+
+A generation's events are published to topic ``streams/{id}`` with ids ``{id}:{seq}``
+(consecutive seqs, ``start`` is 0). One producer task per generation pulls deltas from
+the provider; before each pull it waits for the viewers that asked to throttle the
+upstream (those that came through ``/v1/stream``), so a slow reader slows the model
+instead of growing a buffer. Watchers that only joined (``/v1/streams/{id}``) are hub
+subscribers and are dropped when they fall behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ClientGone
+from .hub.base import Subscription
+from .hub.memory import MemoryHub
+from .providers.base import GenerationRequest, Provider, ProviderError
+from .stream import EventStream
+
+log = logging.getLogger("sseserver.generations")
+
+DONE = "[DONE]"
+
+
+def topic_of(generation_id: str) -> str:
+    return f"streams/{generation_id}"
+
+
+def parse_event_id(event_id: str | None) -> tuple[str, int] | None:
+    """``"{gen}:{seq}"`` → (gen, seq); None for anything else."""
+    if not event_id:
+        return None
+    gen, sep, seq = event_id.rpartition(":")
+    if not sep or not gen or not seq.isdigit():
+        return None
+    return gen, int(seq)
+
+
+def _json(obj: object) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(slots=True, eq=False)
+class Generation:
+    id: str
+    provider: Provider
+    model: str
+    request: GenerationRequest
+    started_at: float  # time.monotonic() when the request arrived: TTFT counts from here
+    seq: int = -1
+    viewers: set[EventStream] = field(default_factory=set)
+    throttlers: set[EventStream] = field(default_factory=set)
+    task: asyncio.Task[None] | None = None
+    finished: bool = False
+    cancel_reason: str | None = None
+    ttft_ms: float | None = None
+    tokens: int = 0
+    error_code: str | None = None
+    grace: asyncio.TimerHandle | None = None
+
+    @property
+    def topic(self) -> str:
+        return topic_of(self.id)
+
+    @property
+    def last_seq(self) -> int:
+        return self.seq
+
+
+Observer = Callable[[Generation, str], None]
+
+
+class Generations:
+    """Starts, tracks, resumes and cancels generations on one server."""
+
+    def __init__(
+        self,
+        hub: MemoryHub,
+        *,
+        resume_grace_s: float = 0.0,
+        retry_ms: int = 2000,
+        keep_s: float = 3600.0,
+        observer: Observer | None = None,
+    ) -> None:
+        self.hub = hub
+        self.resume_grace_s = resume_grace_s
+        self.retry_ms = retry_ms
+        self.keep_s = keep_s
+        self._running: dict[str, Generation] = {}
+        self._ended: dict[str, tuple[float, Generation]] = {}
+        self._observer = observer
+
+    def get(self, generation_id: str) -> Generation | None:
+        gen = self._running.get(generation_id)
+        if gen is not None:
+            return gen
+        ended = self._ended.get(generation_id)
+        return ended[1] if ended else None
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # -- starting and joining ----------------------------------------------------------
+
+    def start(
+        self,
+        provider: Provider,
+        request: GenerationRequest,
+        origin: EventStream,
+        *,
+        started_at: float,
+    ) -> Generation:
+        """Begin a generation whose first viewer is ``origin`` (already started)."""
+        gen = Generation(
+            id=secrets.token_urlsafe(12),
+            provider=provider,
+            model=request.model or provider.default_model,
+            request=request,
+            started_at=started_at,
+        )
+        self._running[gen.id] = gen
+        origin.log["generation"] = gen.id
+        self._attach(gen, origin, throttle=True)
+        self._publish(
+            gen, _json({"id": gen.id, "provider": provider.name, "model": gen.model}), event="start"
+        )
+        gen.task = asyncio.get_running_loop().create_task(self._produce(gen))
+        return gen
+
+    async def join(
+        self, gen: Generation, stream: EventStream, after_seq: int | None, *, throttle: bool
+    ) -> bool:
+        """Replay ``gen`` after ``after_seq`` (all of it when None) to ``stream``, then
+        follow it live. Returns False when some of the replay is no longer held."""
+        stream.log["generation"] = gen.id
+        last_id = None if after_seq is None else f"{gen.id}:{after_seq}"
+        sub = Subscription(stream, (gen.topic,))
+        if after_seq is None:
+            for update in self.hub.held(gen.topic):
+                stream.write_frame(update.frame)
+            found = True
+        else:
+            updates, found = self.hub.replay(sub, last_id)
+            for update in updates:
+                stream.write_frame(update.frame)
+        if gen.finished:
+            stream.finish("complete")
+            return found
+        self.hub.attach(sub)
+        self._attach(gen, stream, throttle=throttle, subscribed=True)
+        return found
+
+    def _attach(
+        self, gen: Generation, stream: EventStream, *, throttle: bool, subscribed: bool = False
+    ) -> None:
+        if not subscribed:
+            self.hub.attach(Subscription(stream, (gen.topic,)))
+        stream.on_full = "wait" if throttle else "drop"
+        gen.viewers.add(stream)
+        if throttle:
+            gen.throttlers.add(stream)
+        if gen.grace is not None:
+            gen.grace.cancel()
+            gen.grace = None
+        stream.on_close(lambda s: self._viewer_left(gen, s))
+        stream.detached = True
+
+    def _viewer_left(self, gen: Generation, stream: EventStream) -> None:
+        gen.viewers.discard(stream)
+        gen.throttlers.discard(stream)
+        if gen.viewers or gen.finished:
+            return
+        if self.resume_grace_s > 0:
+            loop = asyncio.get_running_loop()
+            gen.grace = loop.call_later(self.resume_grace_s, self._abandon, gen)
+        else:
+            self._abandon(gen)
+
+    def _abandon(self, gen: Generation) -> None:
+        gen.grace = None
+        if not gen.viewers and not gen.finished:
+            self.cancel(gen, "abandoned")
+
+    def cancel(self, gen: Generation, reason: str = "cancelled") -> bool:
+        """Stop ``gen``'s upstream call now; its viewers get an error event and the end."""
+        if gen.finished or gen.task is None or gen.task.done():
+            return False
+        gen.cancel_reason = reason
+        gen.task.cancel(msg=reason)
+        return True
+
+    # -- producing ---------------------------------------------------------------------
+
+    def _publish(self, gen: Generation, data: str, *, event: str | None = None) -> None:
+        gen.seq += 1
+        update = self.hub.make_update((gen.topic,), data, id=f"{gen.id}:{gen.seq}", event=event)
+        self.hub.dispatch(update)
+
+    async def _wait_for_readers(self, gen: Generation) -> None:
+        for stream in tuple(gen.throttlers):
+            if stream.paused:
+                try:
+                    await stream.drain()
+                except ClientGone:
+                    pass
+
+    async def _produce(self, gen: Generation) -> None:
+        first_at: float | None = None
+        error: dict[str, Any] | None = None
+        try:
+            async with aclosing(gen.provider.stream(gen.request)) as deltas:  # type: ignore[type-var]
+                async for delta in deltas:
+                    if not delta.text:
+                        continue
+                    if first_at is None:
+                        first_at = time.monotonic()
+                        gen.ttft_ms = (first_at - gen.started_at) * 1000
+                        self._notify(gen, "first_token")
+                    gen.tokens += 1
+                    self._publish(gen, _json({"text": delta.text}))
+                    if gen.throttlers:
+                        await self._wait_for_readers(gen)
+        except ProviderError as exc:
+            error = {"code": exc.code, "message": exc.message, "retryable": exc.retryable}
+            if exc.retry_after_s is not None:
+                error["retry_after_s"] = exc.retry_after_s
+        except asyncio.CancelledError:
+            reason = gen.cancel_reason or "shutdown"
+            error = {
+                "code": reason,
+                "message": {
+                    "cancelled": "generation cancelled",
+                    "abandoned": "every viewer left",
+                    "shutdown": "server shutting down",
+                }.get(reason, reason),
+                "retryable": reason == "shutdown",
+            }
+            if reason not in ("cancelled", "abandoned"):
+                self._end(gen, first_at, error)
+                raise
+        except Exception as exc:
+            log.exception("generation %s failed", gen.id)
+            error = {"code": "internal_error", "message": type(exc).__name__, "retryable": True}
+        self._end(gen, first_at, error)
+
+    def _end(
+        self,
+        gen: Generation,
+        first_at: float | None,
+        error: dict[str, Any] | None,
+    ) -> None:
+        if error is not None:
+            gen.error_code = str(error["code"])
+            self._publish(gen, _json(error), event="error")
+        now = time.monotonic()
+        duration = now - gen.started_at
+        streaming = now - first_at if first_at is not None else 0.0
+        self._publish(
+            gen,
+            _json(
+                {
+                    "ttft_ms": round(gen.ttft_ms, 2) if gen.ttft_ms is not None else None,
+                    "tokens": gen.tokens,
+                    "tokens_per_s": round(gen.tokens / streaming, 2) if streaming > 0 else None,
+                    "duration_ms": round(duration * 1000, 2),
+                }
+            ),
+            event="metrics",
+        )
+        self._publish(gen, DONE)
+        gen.finished = True
+        ttft = round(gen.ttft_ms, 2) if gen.ttft_ms is not None else None
+        for stream in gen.viewers:
+            stream.log.setdefault("ttft_ms", ttft)
+            stream.log.setdefault("tokens", gen.tokens)
+        self.hub.close_topic(gen.topic, gen.error_code or "complete")
+        self._running.pop(gen.id, None)
+        self._ended[gen.id] = (now, gen)
+        self._expire(now)
+        self._notify(gen, "end")
+
+    def _expire(self, now: float) -> None:
+        ended = self._ended
+        while ended:
+            key, (at, _gen) = next(iter(ended.items()))
+            if now - at < self.keep_s:
+                break
+            del ended[key]
+
+    def _notify(self, gen: Generation, what: str) -> None:
+        if self._observer is not None:
+            self._observer(gen, what)
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Let running generations finish within ``grace_s``, then cancel the rest."""
+        tasks = [g.task for g in self._running.values() if g.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace_s)
+            for task in pending:
+                task.cancel(msg="shutdown")
+            if pending:
+                await asyncio.wait(pending, timeout=2.0)

@@ -1,0 +1,146 @@
+"""Topics, updates and subscriptions: what every hub backend shares.
+
+An update is SSE-encoded and chunk-framed once (``Frame``); the same bytes are written to
+every subscriber. Subscriptions own no task: a subscriber is its ``EventStream``, written
+to synchronously from the publisher's call.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Protocol
+
+from ..chunked import Frame
+from ..sse import encode_event
+from ..stream import EventStream
+
+EARLIEST = "earliest"  # Mercure's reserved Last-Event-ID: replay everything held
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """One published event. ``seq`` orders updates within one hub (or Redis stream)."""
+
+    topics: tuple[str, ...]
+    id: str
+    frame: Frame
+    private: bool
+    seq: int
+    at: float  # monotonic time of publication, for the history age limit
+
+    @property
+    def topic(self) -> str:
+        return self.topics[0]
+
+
+def build_frame(
+    data: str | None, *, id: str, event: str | None = None, retry: int | None = None
+) -> Frame:
+    return Frame.of(encode_event(data, event=event, id=id, retry=retry))
+
+
+@lru_cache(maxsize=4096)
+def _template_regex(template: str) -> re.Pattern[str] | None:
+    """A regex for an RFC 6570 URI template (simple ``{var}`` and reserved ``{+var}`` /
+    ``{#var}`` expansions), or None when the selector is not a template."""
+    if "{" not in template:
+        return None
+    out: list[str] = []
+    pos = 0
+    for m in re.finditer(r"\{([+#]?)([A-Za-z0-9_.,%]+)\}", template):
+        out.append(re.escape(template[pos : m.start()]))
+        op = m.group(1)
+        out.append(".*" if op == "+" else "(?:#.*)?" if op == "#" else "[^/?#&,]*")
+        pos = m.end()
+    out.append(re.escape(template[pos:]))
+    return re.compile("".join(out))
+
+
+def selector_matches(selector: str, topic: str) -> bool:
+    """Mercure topic selectors: ``*`` matches all, a URI template matches its expansions,
+    anything else matches itself exactly."""
+    if selector == "*" or selector == topic:
+        return True
+    rx = _template_regex(selector)
+    return rx is not None and rx.fullmatch(topic) is not None
+
+
+def any_match(selectors: Iterable[str], topics: Iterable[str]) -> bool:
+    topics = tuple(topics)
+    return any(selector_matches(s, t) for s in selectors for t in topics)
+
+
+class Subscription:
+    """One subscriber: its stream, what it listens to and which private updates it may
+    see (``private_selectors`` from its JWT; None = none)."""
+
+    __slots__ = ("exact", "private_selectors", "selectors", "stream")
+
+    def __init__(
+        self,
+        stream: EventStream,
+        selectors: tuple[str, ...],
+        private_selectors: tuple[str, ...] | None = None,
+    ) -> None:
+        self.stream = stream
+        self.selectors = selectors
+        self.private_selectors = private_selectors
+        self.exact = all(s != "*" and "{" not in s for s in selectors)
+
+    def wants(self, update: Update) -> bool:
+        if not any_match(self.selectors, update.topics):
+            return False
+        return not update.private or self.may_see_private(update)
+
+    def may_see_private(self, update: Update) -> bool:
+        sel = self.private_selectors
+        return sel is not None and any_match(sel, update.topics)
+
+
+class ReplayGap(Exception):
+    """The requested Last-Event-ID is no longer (or was never) held."""
+
+
+class Hub(Protocol):
+    """The interface the application uses; memory and Redis backends implement it."""
+
+    async def start(self) -> None: ...
+
+    async def publish(
+        self,
+        topics: tuple[str, ...],
+        data: str | None,
+        *,
+        id: str | None = None,
+        event: str | None = None,
+        retry: int | None = None,
+        private: bool = False,
+    ) -> str: ...
+
+    async def subscribe(
+        self,
+        subscription: Subscription,
+        last_event_id: str | None,
+    ) -> tuple[list[Update], bool]:
+        """Attach ``subscription``; returns (updates to replay, whether the id was found).
+        Called with the stream already started; writes happen from the hub afterwards."""
+        ...
+
+    def unsubscribe(self, subscription: Subscription) -> None: ...
+
+    def last_id(self, topic: str) -> str | None: ...
+
+    def close_topic(self, topic: str, reason: str = "complete") -> None: ...
+
+    def close_all(self, reason: str = "shutdown") -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+
+OnPublish = Callable[[Update], None]

@@ -1,0 +1,229 @@
+"""The in-memory hub: per-topic bounded history and synchronous fan-out.
+
+Everything here runs without an ``await`` between reading history and attaching a
+subscriber, so a subscriber never misses nor doubles an update published meanwhile.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+
+from .base import EARLIEST, Subscription, Update, build_frame
+
+
+class MemoryHub:
+    """Topics live while they have history younger than ``history_age_s`` or subscribers."""
+
+    def __init__(self, history: int = 1000, history_age_s: float = 3600.0) -> None:
+        self.history = history
+        self.history_age_s = history_age_s
+        self._topics: OrderedDict[str, deque[Update]] = OrderedDict()
+        self._by_id: dict[str, Update] = {}
+        self._exact: dict[str, set[Subscription]] = {}
+        self._wild: set[Subscription] = set()
+        self._closed: dict[str, float] = {}  # topic -> when it was closed (generations)
+        self._seq = 0
+        self.deliveries = 0
+
+    async def start(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        self.close_all()
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    # -- publishing --------------------------------------------------------------------
+
+    def make_update(
+        self,
+        topics: tuple[str, ...],
+        data: str | None,
+        *,
+        id: str | None = None,
+        event: str | None = None,
+        retry: int | None = None,
+        private: bool = False,
+    ) -> Update:
+        """Encode and frame once. Raises ValueError for an invalid id, event or topic."""
+        if not topics or any(not t for t in topics):
+            raise ValueError("an update needs at least one non-empty topic")
+        event_id = id if id is not None else f"urn:uuid:{uuid.uuid4()}"
+        if event_id == EARLIEST:
+            raise ValueError(f"{EARLIEST!r} is a reserved id")
+        if event_id in self._by_id:
+            raise ValueError(f"duplicate event id {event_id!r}")
+        frame = build_frame(data, id=event_id, event=event, retry=retry)
+        self._seq += 1
+        return Update(topics, event_id, frame, private, self._seq, time.monotonic())
+
+    async def publish(
+        self,
+        topics: tuple[str, ...],
+        data: str | None,
+        *,
+        id: str | None = None,
+        event: str | None = None,
+        retry: int | None = None,
+        private: bool = False,
+    ) -> str:
+        update = self.make_update(topics, data, id=id, event=event, retry=retry, private=private)
+        self.dispatch(update)
+        return update.id
+
+    def dispatch(self, update: Update) -> None:
+        """Keep ``update`` in history and write its frame to every subscriber that wants
+        it (the same bytes object to all)."""
+        self._remember(update)
+        frame = update.frame
+        for target in self._targets(update):
+            if target.stream.write_frame(frame):
+                self.deliveries += 1
+
+    def _targets(self, update: Update) -> Iterable[Subscription]:
+        exact = self._exact
+        if len(update.topics) == 1 and not self._wild and not update.private:
+            subs = exact.get(update.topics[0])
+            return tuple(subs) if subs else ()
+        seen: dict[Subscription, None] = {}
+        for topic in update.topics:
+            for sub in exact.get(topic, ()):
+                seen[sub] = None
+        for sub in self._wild:
+            if sub.wants(update):
+                seen[sub] = None
+        if update.private:
+            return [s for s in seen if s.may_see_private(update)]
+        return tuple(seen)
+
+    def _remember(self, update: Update) -> None:
+        if self.history <= 0:
+            return
+        topics = self._topics
+        by_id = self._by_id
+        key = update.topics[0]
+        held = topics.get(key)
+        if held is None:
+            held = topics[key] = deque()
+        else:
+            topics.move_to_end(key)
+        if len(held) >= self.history:
+            by_id.pop(held.popleft().id, None)
+        held.append(update)
+        by_id[update.id] = update
+        self._expire(update.at)
+
+    def _expire(self, now: float) -> None:
+        """Drop history older than the age limit, oldest topics first (amortised O(1))."""
+        horizon = now - self.history_age_s
+        topics = self._topics
+        while topics:
+            key, held = next(iter(topics.items()))
+            while held and held[0].at < horizon:
+                self._by_id.pop(held.popleft().id, None)
+            if held:
+                break
+            del topics[key]
+        if self._closed:
+            for topic in [t for t, at in self._closed.items() if at < horizon]:
+                del self._closed[topic]
+
+    # -- subscribing -------------------------------------------------------------------
+
+    def replay(self, sub: Subscription, last_event_id: str | None) -> tuple[list[Update], bool]:
+        """Updates after ``last_event_id`` that ``sub`` may see, oldest first, and whether
+        that id was found (``earliest`` always is)."""
+        if last_event_id is None:
+            return [], True
+        if last_event_id == EARLIEST:
+            after = 0
+        else:
+            anchor = self._by_id.get(last_event_id)
+            if anchor is None:
+                return [], False
+            after = anchor.seq
+        self._expire(time.monotonic())
+        if sub.exact:
+            held_lists = [self._topics.get(t, ()) for t in sub.selectors]
+        else:
+            held_lists = list(self._topics.values())
+        found: dict[int, Update] = {}
+        for held in held_lists:
+            for update in reversed(held):
+                if update.seq <= after:
+                    break
+                if update.seq not in found and sub.wants(update):
+                    found[update.seq] = update
+        return [found[k] for k in sorted(found)], True
+
+    def attach(self, sub: Subscription) -> None:
+        if sub.exact:
+            for topic in sub.selectors:
+                self._exact.setdefault(topic, set()).add(sub)
+        else:
+            self._wild.add(sub)
+        sub.stream.on_close(lambda _stream: self.unsubscribe(sub))
+
+    async def subscribe(
+        self, sub: Subscription, last_event_id: str | None
+    ) -> tuple[list[Update], bool]:
+        """Replay what ``sub`` missed and attach it, with no await in between."""
+        updates, found = self.replay(sub, last_event_id)
+        for update in updates:
+            sub.stream.write_frame(update.frame)
+        self.attach(sub)
+        return updates, found
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        if sub.exact:
+            for topic in sub.selectors:
+                subs = self._exact.get(topic)
+                if subs is not None:
+                    subs.discard(sub)
+                    if not subs:
+                        del self._exact[topic]
+        else:
+            self._wild.discard(sub)
+
+    def subscriber_count(self, topic: str | None = None) -> int:
+        if topic is None:
+            return sum(len(s) for s in self._exact.values()) + len(self._wild)
+        return len(self._exact.get(topic, ()))
+
+    # -- lookups and closing ------------------------------------------------------------
+
+    def get(self, event_id: str) -> Update | None:
+        return self._by_id.get(event_id)
+
+    def last_id(self, topic: str | None = None) -> str | None:
+        if topic is None:
+            if not self._by_id:
+                return None
+            return next(reversed(self._by_id))
+        held = self._topics.get(topic)
+        return held[-1].id if held else None
+
+    def held(self, topic: str) -> list[Update]:
+        return list(self._topics.get(topic, ()))
+
+    def is_closed(self, topic: str) -> bool:
+        return topic in self._closed
+
+    def close_topic(self, topic: str, reason: str = "complete") -> None:
+        """End the streams of everyone subscribed to exactly ``topic`` (a finished
+        generation); they may keep their connections for another request."""
+        self._closed[topic] = time.monotonic()
+        for sub in tuple(self._exact.get(topic, ())):
+            if sub.selectors == (topic,):
+                sub.stream.finish(reason)
+
+    def close_all(self, reason: str = "shutdown") -> None:
+        subs = [s for group in self._exact.values() for s in group]
+        subs.extend(self._wild)
+        for sub in subs:
+            sub.stream.close(reason)

@@ -1,0 +1,468 @@
+"""The connection layer: one ``asyncio.Protocol`` per TCP connection, driving h11.
+
+h11 parses every request and tracks keep-alive; it writes response heads and the chunked
+terminator, while stream bodies are framed by ``chunked.frame`` (see STYLE's note).
+Requests on one connection are answered strictly in order: h11 pauses after each request
+until our response is complete, so pipelined requests simply wait in its buffer.
+
+Divergences, on purpose:
+- A client's half-close (EOF) ends the connection, and with it any running stream: an SSE
+  reader that stops sending has gone (browsers never half-close).
+- A refused connection (over ``max_connections`` or shutting down) gets a canned 503
+  before its request is read, then close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from urllib.parse import unquote
+
+import h11
+
+from .config import Config
+from .errors import ClientGone, HTTPError, error_body
+from .flow import FlowControl
+from .sse import encode_event
+from .stream import EventStream, HeaderList, Request, StreamRegistry
+
+App = Callable[[Request, EventStream], Awaitable[None]]
+
+log = logging.getLogger("sseserver")
+access_log = logging.getLogger("sseserver.access")
+
+# Errors a write or close may raise once the peer has gone; they mean "connection lost",
+# and connection_lost() will follow, so they are not worth a traceback.
+CONNECTION_ERRORS = (ConnectionError, OSError, RuntimeError)
+
+_REASONS = {
+    200: b"OK",
+    204: b"No Content",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    505: b"HTTP Version Not Supported",
+}
+
+
+def _canned(status: int, code: str, message: str, extra: bytes = b"") -> bytes:
+    body = error_body(code, message)
+    return (
+        b"HTTP/1.1 %d %b\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"%bconnection: close\r\n\r\n%b" % (status, _REASONS[status], len(body), extra, body)
+    )
+
+
+OVERLOADED = _canned(503, "overloaded", "too many open connections", b"retry-after: 1\r\n")
+SHUTTING_DOWN = _canned(503, "shutting_down", "server is shutting down", b"retry-after: 1\r\n")
+
+
+class _DateHeader:
+    """The ``Date`` header value, formatted at most once per second."""
+
+    second = 0
+    value = b""
+
+    @classmethod
+    def get(cls) -> bytes:
+        now = int(time.time())
+        if now != cls.second:
+            cls.second = now
+            cls.value = formatdate(now, usegmt=True).encode()
+        return cls.value
+
+
+class ServerState:
+    """What all connections of one server share."""
+
+    def __init__(self, config: Config, app: App) -> None:
+        self.config = config
+        self.app = app
+        self.connections: set[HTTPProtocol] = set()
+        self.streams = StreamRegistry(config.heartbeat_s)
+        self.handlers: set[asyncio.Task[None]] = set()
+        self.shutting_down = False
+        self.total_connections = 0
+
+
+class HTTPProtocol(asyncio.Protocol):
+    __slots__ = (
+        "_awaiting_next",
+        "_body",
+        "_conn",
+        "_got_bytes",
+        "_loop",
+        "_request",
+        "_stream",
+        "_task",
+        "_timer",
+        "client",
+        "flow",
+        "state",
+        "transport",
+    )
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.flow = FlowControl(self._loop)
+        self._conn = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=state.config.max_head_bytes
+        )
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stream: EventStream | None = None
+        self._request: Request | None = None
+        self._body: bytearray | None = None
+        self._got_bytes = False  # any byte of the current request seen
+        self._awaiting_next = False  # idle between keep-alive requests
+        self.client: tuple[str, int] | None = None
+
+    # -- asyncio callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        state = self.state
+        state.total_connections += 1
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.client = (str(peer[0]), int(peer[1]))
+        if state.shutting_down or len(state.connections) >= state.config.max_connections:
+            transport.write(SHUTTING_DOWN if state.shutting_down else OVERLOADED)
+            transport.close()
+            self.transport = None
+            return
+        state.connections.add(self)
+        limit = state.config.write_buffer_bytes
+        transport.set_write_buffer_limits(high=limit, low=limit // 4)
+        self._start_timer(state.config.header_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state.connections.discard(self)
+        self.transport = None
+        self._cancel_timer()
+        self.flow.release(ClientGone("client disconnected"))
+        if self._stream is not None:
+            self._stream.connection_lost()
+        if self._task is not None and not self._task.done():
+            self._task.cancel(msg="client disconnected")
+
+    def eof_received(self) -> bool:
+        return False  # see the module docstring: EOF ends the connection
+
+    def pause_writing(self) -> None:
+        self.flow.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.flow.resume_writing()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._conn.receive_data(data)
+        except RuntimeError:
+            # h11 refuses data once it has decided the connection must close.
+            return
+        if not self._got_bytes:
+            self._got_bytes = True
+            if self._awaiting_next:
+                # The keep-alive wait is over: the new request gets the head deadline.
+                self._awaiting_next = False
+                self._start_timer(self.state.config.header_timeout_s)
+        if self._task is None:
+            self._handle_events()
+        transport = self.transport
+        if transport is not None and (
+            len(self._conn.trailing_data[0]) > self.state.config.max_head_bytes
+        ):
+            # The client keeps sending while a response runs: stop reading until it ends.
+            transport.pause_reading()
+
+    # -- request parsing ---------------------------------------------------------------
+
+    def _handle_events(self) -> None:
+        conn = self._conn
+        config = self.state.config
+        while self.transport is not None and self._task is None:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                code = {431: "head_too_large", 400: "bad_request"}.get(status, "bad_request")
+                self._refuse(status, code, str(exc) or "malformed request")
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                if not self._begin_request(event):
+                    return
+            elif isinstance(event, h11.Data):
+                assert self._body is not None
+                self._body += event.data
+                if len(self._body) > config.max_body_bytes:
+                    self._refuse(413, "body_too_large", "request body too large")
+                    return
+            elif isinstance(event, h11.EndOfMessage):
+                self._dispatch()
+            elif isinstance(event, h11.ConnectionClosed):
+                self.close_connection()
+                return
+
+    def _begin_request(self, event: h11.Request) -> bool:
+        config = self.state.config
+        target = event.target.decode("latin-1")
+        raw_path, _, query = target.partition("?")
+        path = unquote(raw_path)
+        if not path.startswith("/") or "\x00" in path:
+            self._refuse(400, "bad_request", "request target must be an absolute path")
+            return False
+        self._request = Request(
+            method=event.method.decode("ascii"),
+            target=target,
+            path=path,
+            query_string=query,
+            headers=list(event.headers),
+            http_version=event.http_version.decode("ascii"),
+            client=self.client,
+            received_at=time.monotonic(),
+        )
+        length = self._request.header("content-length")
+        if length is not None and int(length) > config.max_body_bytes:
+            self._refuse(413, "body_too_large", "request body too large")
+            return False
+        self._body = bytearray()
+        return True
+
+    def _dispatch(self) -> None:
+        self._cancel_timer()
+        request = self._request
+        assert request is not None and self._body is not None
+        request.body = bytes(self._body)
+        self._body = None
+        stream = EventStream(request, self, self.state.streams)
+        self._stream = stream
+        task = self._loop.create_task(self._run_handler(stream))
+        self._task = task
+        self.state.handlers.add(task)
+        task.add_done_callback(self.state.handlers.discard)
+
+    async def _run_handler(self, stream: EventStream) -> None:
+        try:
+            await self.state.app(stream.request, stream)
+        except HTTPError as exc:
+            if not stream.started:
+                stream.respond_error(exc.status, exc.code, exc.message, exc.headers)
+            else:
+                stream.finish(exc.code)
+        except ClientGone:
+            pass
+        except asyncio.CancelledError:
+            # Client gone (nothing to write) or server shutting down (end the body).
+            stream.finish("shutdown" if self.state.shutting_down else "cancelled")
+            raise
+        except Exception as exc:
+            log.error(
+                "handler failed: %s %s", stream.request.method, stream.request.path, exc_info=exc
+            )
+            if not stream.started:
+                stream.respond_error(500, "internal_error", "internal server error")
+            elif stream.open:
+                stream.write(
+                    encode_event(
+                        '{"code":"internal_error","message":"internal server error",'
+                        '"retryable":true}',
+                        event="error",
+                    )
+                )
+                stream.finish("error")
+        else:
+            if not stream.started:
+                stream.respond_error(500, "internal_error", "handler sent no response")
+            elif stream.open and not stream.detached:
+                stream.finish()
+        finally:
+            self._task = None
+            self._loop.call_soon(self._continue)
+            if not stream.detached or not stream.open:
+                self._log_access(stream)
+            if stream.detached and stream.open:
+                stream.on_close(self._log_access)
+
+    def _log_access(self, stream: EventStream) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        request = stream.request
+        fields = {
+            "method": request.method,
+            "path": request.path,
+            "status": stream.status,
+            "bytes": stream.bytes_sent,
+            "duration_ms": round((time.monotonic() - request.received_at) * 1000, 2),
+            "client": request.client[0] if request.client else None,
+            "reason": stream.close_reason or None,
+            **stream.log,
+        }
+        access_log.info(
+            "%s %s %s", request.method, request.target, stream.status, extra={"fields": fields}
+        )
+
+    # -- Channel (used by EventStream) --------------------------------------------------
+
+    def send_head(self, status: int, headers: HeaderList) -> bool:
+        """Write the response head through h11. Returns True when the body is chunked."""
+        headers.append((b"date", _DateHeader.get()))
+        headers.append((b"server", b"sseserver"))
+        response = h11.Response(
+            status_code=status, headers=headers, reason=_REASONS.get(status, b"")
+        )
+        try:
+            data = self._conn.send(response)
+        except h11.LocalProtocolError:
+            log.exception("cannot send response head")
+            self.close_connection(abort=True)
+            return False
+        if self.transport is not None and data:
+            self.transport.write(data)
+        request = self._request
+        return (
+            request is not None
+            and request.http_version == "1.1"
+            and request.method != "HEAD"
+            and 200 <= status
+            and status not in (204, 304)
+        )
+
+    def end_response(self) -> None:
+        """Finish the current response; keep the connection for the next request or
+        close it, as h11 decides."""
+        conn = self._conn
+        try:
+            data = conn.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            self.close_connection()
+            return
+        transport = self.transport
+        if transport is None:
+            return
+        if data:
+            transport.write(data)
+        if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
+            self.close_connection()
+            return
+        self._stream = None
+        conn.start_next_cycle()
+        self._got_bytes = False
+        self._awaiting_next = True
+        if self.state.shutting_down:
+            self.close_connection()
+            return
+        self._start_timer(self.state.config.keepalive_timeout_s)
+        transport.resume_reading()
+        # Pipelined requests may already wait in h11's buffer.
+        self._loop.call_soon(self._continue)
+
+    def _continue(self) -> None:
+        if self._task is None and self.transport is not None:
+            if self._conn.trailing_data[0] and self._awaiting_next:
+                self._awaiting_next = False
+                self._got_bytes = True
+                self._start_timer(self.state.config.header_timeout_s)
+            self._handle_events()
+
+    def close_connection(self, abort: bool = False) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        self._cancel_timer()
+        try:
+            if abort:
+                transport.abort()
+            else:
+                transport.close()
+        except CONNECTION_ERRORS:
+            pass
+
+    # -- refusals and timers -----------------------------------------------------------
+
+    def _refuse(
+        self, status: int, code: str, message: str, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        """Answer a request we will not serve, then close (its body is left unread)."""
+        self._cancel_timer()
+        transport = self.transport
+        if transport is None:
+            return
+        if self._conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            body = error_body(code, message)
+            head: HeaderList = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ]
+            head.extend((k.encode(), v.encode()) for k, v in headers)
+            head.append((b"date", _DateHeader.get()))
+            try:
+                transport.write(
+                    self._conn.send(
+                        h11.Response(
+                            status_code=status, headers=head, reason=_REASONS.get(status, b"")
+                        )
+                    )
+                    or b""
+                )
+                transport.write(body)
+            except h11.LocalProtocolError:
+                transport.write(_canned(status, code, message))
+        self._log_refusal(status, code)
+        self.close_connection()
+
+    def _log_refusal(self, status: int, code: str) -> None:
+        if access_log.isEnabledFor(logging.INFO):
+            request = self._request
+            fields = {
+                "status": status,
+                "reason": code,
+                "client": self.client[0] if self.client else None,
+                "path": request.path if request else None,
+            }
+            access_log.info("refused %s %s", status, code, extra={"fields": fields})
+
+    def _start_timer(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(delay, self._on_timeout)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if self._task is not None or self.transport is None:
+            return
+        if self._got_bytes or self._conn.their_state is not h11.IDLE:
+            # Slowloris: a head (or body) that never finishes.
+            self._refuse(408, "request_timeout", "request not received in time")
+        else:
+            self.close_connection()  # idle keep-alive (or a connection that never spoke)
+
+    # -- shutdown ---------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Close an idle connection now; a busy one closes after its response."""
+        if self._task is None:
+            self.close_connection()

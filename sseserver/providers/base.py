@@ -1,0 +1,113 @@
+"""What every provider is: an async iterator of ``Delta``s for one ``GenerationRequest``.
+
+Providers know nothing of HTTP or SSE. They release their upstream call in ``finally`` /
+``async with`` so that cancelling the consuming task closes the upstream connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """A piece of the answer. The last delta of a stream may carry only the finish reason
+    and usage (``text == ""``)."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    model: str | None
+    messages: tuple[Message, ...]
+    system: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    # provider-specific extras (the synthetic provider's tokens/interval_ms/size/ttft_ms)
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ProviderError(Exception):
+    """An upstream failure, told to the client as one ``event: error``."""
+
+    code = "upstream_error"
+    retryable = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        retryable: bool | None = None,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if retryable is not None:
+            self.retryable = retryable
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamHTTPError(ProviderError):
+    code = "upstream_http_error"
+
+
+class UpstreamTimeout(ProviderError):
+    code = "upstream_timeout"
+    retryable = True
+
+
+class UpstreamConnectionError(ProviderError):
+    code = "upstream_connection_error"
+    retryable = True
+
+
+class UpstreamProtocolError(ProviderError):
+    """Malformed chunks or an answer that does not follow the API's wire format."""
+
+    code = "upstream_protocol_error"
+
+
+class BadRequest(ProviderError):
+    """The request cannot be served by this provider (unknown model, bad parameter)."""
+
+    code = "bad_request"
+
+
+class Provider(Protocol):
+    """Streams one generation. Implementations are created once and reused (their HTTP
+    clients pool connections); ``stream`` is called per generation."""
+
+    name: str
+    default_model: str
+    models: tuple[str, ...]  # advertised to the demo page's model picker
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise BadRequest before anything is sent when the request cannot be served."""
+        ...
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]: ...
+
+    async def aclose(self) -> None: ...

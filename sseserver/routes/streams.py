@@ -1,0 +1,205 @@
+"""Model streams: ``/v1/stream`` (GET for EventSource, POST for fetch), joining a running
+generation as a viewer, and cancelling one (SPEC §6, §8)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ..app import Application
+from ..context import Context
+from ..errors import HTTPError
+from ..generations import Generation, parse_event_id
+from ..providers.base import BadRequest, GenerationRequest, Message, Provider
+from ..stream import EventStream, Request
+
+ROLES = ("system", "user", "assistant")
+SYNTHETIC_PARAMS = ("tokens", "interval_ms", "size", "ttft_ms")
+MAX_MODEL_NAME = 200
+
+
+def last_event_id(request: Request) -> str | None:
+    """The id a reconnecting client resumes after: the ``Last-Event-ID`` header, or the
+    ``lastEventID`` / ``last_event_id`` query parameter (EventSource cannot set headers
+    on a first connection, so links carry it in the query)."""
+    return (
+        request.header("last-event-id")
+        or request.query_param("lastEventID")
+        or request.query_param("last_event_id")
+        or None
+    )
+
+
+def _number(name: str, value: Any, low: float, high: float) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise HTTPError(400, "bad_request", f"{name} must be a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise HTTPError(400, "bad_request", f"{name} must be a number") from None
+    if not math.isfinite(number) or not low <= number <= high:
+        raise HTTPError(400, "bad_request", f"{name} must be between {low:g} and {high:g}")
+    return number
+
+
+def build_request(
+    ctx: Context,
+    provider_name: Any,
+    model: Any,
+    messages: tuple[Message, ...],
+    params: Mapping[str, Any],
+) -> tuple[Provider, GenerationRequest]:
+    """Validate what the client asked for. Raises HTTPError 400 naming the bad field."""
+    if provider_name is not None and not isinstance(provider_name, str):
+        raise HTTPError(400, "bad_request", "provider must be a string")
+    provider = ctx.provider(provider_name or None)
+    if provider is None:
+        raise HTTPError(
+            400, "bad_request", f"provider: unknown or not configured: {str(provider_name)[:100]!r}"
+        )
+    if model is not None and (not isinstance(model, str) or len(model) > MAX_MODEL_NAME):
+        raise HTTPError(400, "bad_request", "model must be a string of at most 200 characters")
+    system = params.get("system")
+    if system is not None and not isinstance(system, str):
+        raise HTTPError(400, "bad_request", "params.system must be a string")
+    temperature = _number("temperature", params.get("temperature"), 0, 2)
+    max_tokens = _number("max_tokens", params.get("max_tokens"), 1, 1_000_000)
+    request = GenerationRequest(
+        model=model or None,
+        messages=messages,
+        system=system,
+        temperature=temperature,
+        max_tokens=int(max_tokens) if max_tokens is not None else None,
+        params={k: params[k] for k in SYNTHETIC_PARAMS if k in params},
+    )
+    if provider.name != "synthetic" and not any(m.role == "user" and m.content for m in messages):
+        raise HTTPError(400, "bad_request", "q (or a user message) is required")
+    try:
+        provider.validate(request)
+    except BadRequest as exc:
+        raise HTTPError(400, "bad_request", exc.message) from None
+    return provider, request
+
+
+def parse_messages(raw: Any) -> tuple[Message, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise HTTPError(400, "bad_request", "messages must be a non-empty list")
+    out = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise HTTPError(400, "bad_request", f"messages[{i}] must be an object")
+        role, content = item.get("role"), item.get("content")
+        if role not in ROLES:
+            raise HTTPError(400, "bad_request", f"messages[{i}].role must be one of {ROLES}")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            texts = [p.get("text") for p in content if isinstance(p, dict)]
+            if all(isinstance(t, str) for t in texts):
+                content = "".join(t for t in texts if t)
+        if not isinstance(content, str):
+            raise HTTPError(400, "bad_request", f"messages[{i}].content must be a string")
+        out.append(Message(role, content))
+    return tuple(out)
+
+
+def json_body(request: Request) -> dict[str, Any]:
+    ctype = (request.header("content-type") or "").split(";")[0].strip().lower()
+    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+        raise HTTPError(415, "unsupported_media_type", "body must be application/json")
+    try:
+        body = request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPError(400, "bad_request", "body must be valid JSON") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, "bad_request", "body must be a JSON object")
+    return body
+
+
+def register(app: Application, ctx: Context) -> None:
+    generations = ctx.generations
+    retry_ms = ctx.config.retry_ms
+
+    async def start(
+        request: Request, stream: EventStream, provider: Provider, gen_request: GenerationRequest
+    ) -> None:
+        if not stream.start(retry_ms=retry_ms):
+            return
+        generations.start(provider, gen_request, stream, started_at=request.received_at)
+
+    async def resume(
+        gen: Generation, after_seq: int, stream: EventStream, *, throttle: bool
+    ) -> None:
+        if gen.finished and after_seq >= gen.last_seq:
+            # Past the end: 204 tells EventSource to stop reconnecting (WHATWG).
+            stream.respond(204, content_type=None)
+            return
+        if not stream.start(retry_ms=retry_ms):
+            return
+        stream.log["resumed_from"] = after_seq
+        if not await generations.join(gen, stream, after_seq, throttle=throttle):
+            stream.send(
+                '{"code":"missed_events","message":"events after this id are no '
+                'longer held","retryable":false}',
+                event="error",
+            )
+            stream.finish("missed_events")
+
+    def resumable(request: Request) -> tuple[Generation, int] | None:
+        parsed = parse_event_id(last_event_id(request))
+        if parsed is None:
+            return None
+        gen = generations.get(parsed[0])
+        return (gen, parsed[1]) if gen is not None else None
+
+    @app.route(["GET"], "/v1/stream")
+    async def stream_get(request: Request, stream: EventStream) -> None:
+        known = resumable(request)
+        if known is not None:
+            await resume(known[0], known[1], stream, throttle=True)
+            return
+        q = request.query_param("q", "") or ""
+        messages = (Message("user", q),)
+        params: dict[str, Any] = {k: v[0] for k, v in request.query.items() if v}
+        provider, gen_request = build_request(
+            ctx, request.query_param("provider"), request.query_param("model"), messages, params
+        )
+        await start(request, stream, provider, gen_request)
+
+    @app.route(["POST"], "/v1/stream")
+    async def stream_post(request: Request, stream: EventStream) -> None:
+        known = resumable(request)
+        if known is not None:
+            await resume(known[0], known[1], stream, throttle=True)
+            return
+        body = json_body(request)
+        params = body.get("params") or {}
+        if not isinstance(params, dict):
+            raise HTTPError(400, "bad_request", "params must be an object")
+        messages = parse_messages(body.get("messages"))
+        provider, gen_request = build_request(
+            ctx, body.get("provider"), body.get("model"), messages, params
+        )
+        await start(request, stream, provider, gen_request)
+
+    @app.route(["GET"], "/v1/streams/{id}")
+    async def stream_join(request: Request, stream: EventStream) -> None:
+        gen = generations.get(request.params["id"])
+        if gen is None:
+            raise HTTPError(404, "not_found", "no such generation")
+        parsed = parse_event_id(last_event_id(request))
+        if parsed is not None and parsed[0] == gen.id:
+            await resume(gen, parsed[1], stream, throttle=False)
+            return
+        if not stream.start(retry_ms=retry_ms):
+            return
+        await generations.join(gen, stream, None, throttle=False)
+
+    @app.route(["POST"], "/v1/streams/{id}/cancel")
+    async def stream_cancel(request: Request, stream: EventStream) -> None:
+        gen = generations.get(request.params["id"])
+        if gen is None:
+            raise HTTPError(404, "not_found", "no such generation")
+        cancelled = generations.cancel(gen, "cancelled")
+        stream.respond_json(200, {"id": gen.id, "cancelled": cancelled})
