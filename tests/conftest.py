@@ -1,0 +1,127 @@
+"""Shared fixtures: in-process servers on free ports, server subprocesses, and the rule
+that under CI a missing component fails instead of skipping."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sseserver.cli import make_server
+from sseserver.config import Config
+from sseserver.server import Server
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+
+def require(what: str, available: bool, reason: str = "") -> None:
+    """Skip (outside CI) or fail (in CI) when a real component is missing."""
+    if available:
+        return
+    message = f"{what} is not available{': ' + reason if reason else ''}"
+    if IN_CI:
+        pytest.fail(message + " (CI=true: a missing component is a failure)")
+    pytest.skip(message)
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}")
+                                  else None)
+    require(name, path is not None, f"install Debian's {name}")
+    assert path is not None
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def running_server(config: Config | None = None, **overrides: Any) -> AsyncIterator[Server]:
+    """An in-process server on a free loopback port; shut down (phased) on exit."""
+    config = replace(config or Config(), port=0, **overrides)
+    server = make_server(config, environ={})
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.shutdown()
+
+
+def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[Any] | None = None
+                  ) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+@contextmanager
+def server_process(*args: str, env: dict[str, str] | None = None,
+                   port: int | None = None) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``python -m sseserver`` in a subprocess on a free port; stopped by PID."""
+    port = port or free_port()
+    full_env = {**os.environ, **(env or {})}
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sseserver", "--port", str(port), *args],
+        cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+async def read_until(reader: asyncio.StreamReader, marker: bytes, timeout: float = 10.0
+                     ) -> bytes:
+    """Read until ``marker`` has been seen (or EOF); returns all bytes read."""
+    buf = bytearray()
+    async with asyncio.timeout(timeout):
+        while marker not in buf:
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            buf += chunk
+    return bytes(buf)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under CI a skipped test is a failure, and so is a run that ran no test."""
+    if not IN_CI:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
+    if skipped:
+        print(f"\nCI=true: {skipped} test(s) skipped; a skip is a failure here.")
+        session.exitstatus = 1
