@@ -15,7 +15,7 @@ from .generations import Generations
 from .hub.memory import MemoryHub
 from .logs import configure_logging
 from .loops import loop_factory
-from .routes import ops, streams
+from .routes import mercure, ops, streams
 from .server import Server
 
 log = logging.getLogger("sseserver")
@@ -35,6 +35,7 @@ def build(config: Config, environ: Mapping[str, str] | None = None) -> tuple[App
     app = Application()
     ops.register(app, ctx)
     streams.register(app, ctx)
+    mercure.register(app, ctx)
     return app, ctx
 
 

@@ -201,9 +201,13 @@ class Generations:
 
     # -- producing ---------------------------------------------------------------------
 
-    def _publish(self, gen: Generation, data: str, *, event: str | None = None) -> None:
+    def _publish(
+        self, gen: Generation, data: str, *, event: str | None = None, final: bool = False
+    ) -> None:
         gen.seq += 1
-        update = self.hub.make_update((gen.topic,), data, id=f"{gen.id}:{gen.seq}", event=event)
+        update = self.hub.make_update(
+            (gen.topic,), data, id=f"{gen.id}:{gen.seq}", event=event, final=final
+        )
         self.hub.dispatch(update)
 
     async def _wait_for_readers(self, gen: Generation) -> None:
@@ -277,13 +281,12 @@ class Generations:
             ),
             event="metrics",
         )
-        self._publish(gen, DONE)
         gen.finished = True
         ttft = round(gen.ttft_ms, 2) if gen.ttft_ms is not None else None
         for stream in gen.viewers:
             stream.log.setdefault("ttft_ms", ttft)
             stream.log.setdefault("tokens", gen.tokens)
-        self.hub.close_topic(gen.topic, gen.error_code or "complete")
+        self._publish(gen, DONE, final=True)  # the hub ends every viewer's body after it
         self._running.pop(gen.id, None)
         self._ended[gen.id] = (now, gen)
         self._expire(now)

@@ -92,7 +92,9 @@ class ServerState:
         self.config = config
         self.app = app
         self.connections: set[HTTPProtocol] = set()
-        self.streams = StreamRegistry(config.heartbeat_s)
+        self.streams = StreamRegistry(
+            config.heartbeat_s, max_stream_s=config.max_stream_s, retry_ms=config.retry_ms
+        )
         self.handlers: set[asyncio.Task[None]] = set()
         self.shutting_down = False
         self.total_connections = 0

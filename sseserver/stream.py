@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from urllib.parse import parse_qs
 from .chunked import Frame, frame
 from .errors import error_body
 from .flow import FlowControl
-from .sse import encode_comment, encode_event
+from .sse import encode_comment, encode_event, encode_retry
 
 HeaderList = list[tuple[bytes, bytes]]
 OnFull = Literal["wait", "drop"]
@@ -53,6 +54,8 @@ class Request:
     client: tuple[str, int] | None = None
     received_at: float = 0.0
     params: dict[str, str] = field(default_factory=dict)  # from the route's {name} parts
+    claims: Any = None  # set by the auth middleware: the caller's verified JWT claims
+    id: str = ""  # request id (X-Request-ID from the proxy, or generated)
     _query: dict[str, list[str]] | None = field(default=None, repr=False)
 
     def header(self, name: str) -> str | None:
@@ -103,6 +106,7 @@ class EventStream:
         "_registry",
         "bytes_sent",
         "close_reason",
+        "deadline",
         "detached",
         "idle_ticks",
         "log",
@@ -123,6 +127,7 @@ class EventStream:
         self.bytes_sent = 0
         self.idle_ticks = 0
         self.close_reason = ""
+        self.deadline = 0.0  # monotonic time the stream must end by (0: never)
         self.detached = False
         self.on_full: OnFull = "wait"
         self.log: dict[str, Any] = {}
@@ -196,6 +201,7 @@ class EventStream:
             return False
         self.state = "streaming"
         self._registry.add(self)
+        self.deadline = self._registry.deadline()
         preamble = (
             encode_event(retry=retry_ms, comment="stream open")
             if retry_ms
@@ -319,8 +325,12 @@ class StreamRegistry:
     TICKS_PER_HEARTBEAT = 5
     LINGER_S = 2.0  # time a dropped slow reader gets to take its last comment
 
-    def __init__(self, heartbeat_s: float) -> None:
+    def __init__(
+        self, heartbeat_s: float, *, max_stream_s: float = 0.0, retry_ms: int = 2000
+    ) -> None:
         self.heartbeat_s = heartbeat_s
+        self.max_stream_s = max_stream_s
+        self.retry_ms = retry_ms
         self.streams: set[EventStream] = set()
         self._lingering: list[tuple[float, EventStream]] = []
         self._handle: asyncio.TimerHandle | None = None
@@ -333,6 +343,13 @@ class StreamRegistry:
 
     def discard(self, stream: EventStream) -> None:
         self.streams.discard(stream)
+
+    def deadline(self) -> float:
+        """When a stream opened now must end: ``max_stream_s`` less up to 10 %, at random,
+        so that a fleet of clients does not reconnect all at once."""
+        if self.max_stream_s <= 0:
+            return 0.0
+        return time.monotonic() + self.max_stream_s * random.uniform(0.9, 1.0)
 
     def linger(self, stream: EventStream) -> None:
         self._lingering.append((time.monotonic() + self.LINGER_S, stream))
@@ -357,13 +374,18 @@ class StreamRegistry:
     def _tick(self) -> None:
         self.ticks += 1
         due = self.TICKS_PER_HEARTBEAT
+        now = time.monotonic()
         for stream in list(self.streams):
+            if stream.deadline and stream.deadline <= now:
+                # Maximum life reached: end cleanly and tell the client when to come back.
+                stream.write(encode_retry(self.retry_ms))
+                stream.close("max_duration")
+                continue
             stream.idle_ticks += 1
             if stream.idle_ticks >= due:
                 if stream.write_frame(PING):
                     self.pings_sent += 1
         if self._lingering:
-            now = time.monotonic()
             keep = []
             for deadline, stream in self._lingering:
                 if deadline <= now:

@@ -30,6 +30,10 @@ class Update:
     private: bool
     seq: int
     at: float  # monotonic time of publication, for the history age limit
+    final: bool = False  # the topic ends with this update (a generation's [DONE])
+    data: str | None = None  # kept for backends that forward updates (Redis)
+    event: str | None = None
+    retry: int | None = None
 
     @property
     def topic(self) -> str:

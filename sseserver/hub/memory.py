@@ -49,6 +49,7 @@ class MemoryHub:
         event: str | None = None,
         retry: int | None = None,
         private: bool = False,
+        final: bool = False,
     ) -> Update:
         """Encode and frame once. Raises ValueError for an invalid id, event or topic."""
         if not topics or any(not t for t in topics):
@@ -60,7 +61,9 @@ class MemoryHub:
             raise ValueError(f"duplicate event id {event_id!r}")
         frame = build_frame(data, id=event_id, event=event, retry=retry)
         self._seq += 1
-        return Update(topics, event_id, frame, private, self._seq, time.monotonic())
+        return Update(
+            topics, event_id, frame, private, self._seq, time.monotonic(), final, data, event, retry
+        )
 
     async def publish(
         self,
@@ -84,6 +87,8 @@ class MemoryHub:
         for target in self._targets(update):
             if target.stream.write_frame(frame):
                 self.deliveries += 1
+        if update.final:
+            self.close_topic(update.topic)
 
     def _targets(self, update: Update) -> Iterable[Subscription]:
         exact = self._exact

@@ -1,0 +1,310 @@
+"""Google Gemini through the official ``google-genai`` SDK (SPEC §7).
+
+Deliberate choices:
+- Closing on cancel. The SDK's async stream is a chain of nested async generators around
+  the httpx response and exposes neither; closing the outer generator leaves the inner
+  ones, and the response, open until garbage collection (googleapis/python-genai#2425,
+  reproduced with google-genai 3.4: the upstream connection stayed open after the consumer
+  was cancelled or called ``aclose()``). So we own the ``httpx.AsyncClient`` the SDK uses
+  (``HttpOptions.httpx_async_client``); its response hook hands every response to the
+  generation that is reading at that moment (a ``ContextVar`` set only around our calls
+  into the SDK), and our ``finally`` closes them. A response not read to its end closes
+  its connection rather than going back to the pool.
+- No hidden retries: the SDK's defaults retry nothing, and automatic continuation (new
+  requests after a dropped stream) is turned off; errors say ``retryable``, callers decide.
+- ``timeout_s`` bounds connect, each write and each read (first byte, and every gap).
+- The key is ``api_key``, else ``GEMINI_API_KEY``, else ``GOOGLE_API_KEY`` (SPEC §10
+  names the first), else ``PLACEHOLDER_API_KEY`` so that local fakes and proxies that
+  ignore keys work. ``vertexai=False`` is explicit so that ``GOOGLE_GENAI_USE_VERTEXAI`` in
+  the environment cannot switch the backend.
+- Roles: ``assistant`` is Gemini's ``model``; ``system`` messages join ``system``
+  in ``system_instruction`` (Gemini has no system turn).
+- Finish reasons are told in OpenAI's words where one exists (``STOP`` -> ``stop``,
+  ``MAX_TOKENS`` -> ``length``, safety blocks -> ``content_filter``), else lower-cased.
+  ``completion_tokens`` counts thinking tokens too, as OpenAI's does for reasoning.
+- Error messages never carry the upstream's text; the SDK's exception is the ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import email.utils
+import os
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+from google import genai
+from google.genai import errors, types
+
+from sseserver.providers.base import (
+    BadRequest,
+    Delta,
+    GenerationRequest,
+    ProviderError,
+    UpstreamConnectionError,
+    UpstreamHTTPError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    Usage,
+)
+
+PLACEHOLDER_API_KEY = "no-key-required"
+
+# As for OpenAI: upstream connections are bounded by the server's stream limits.
+MAX_CONNECTIONS: int | None = None
+MAX_KEEPALIVE_CONNECTIONS = 100
+
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+
+_ROLES = {"user": "user", "assistant": "model", "model": "model"}
+_FINISH_REASONS = {
+    "STOP": "stop",
+    "MAX_TOKENS": "length",
+    "SAFETY": "content_filter",
+    "RECITATION": "content_filter",
+    "BLOCKLIST": "content_filter",
+    "PROHIBITED_CONTENT": "content_filter",
+    "SPII": "content_filter",
+    "IMAGE_SAFETY": "content_filter",
+}
+
+# The responses opened by the generation currently calling into the SDK (see the module
+# docstring). None outside our calls, so other users of the client are left alone.
+_OPENED: contextvars.ContextVar[list[httpx.Response] | None] = contextvars.ContextVar(
+    "sseserver_gemini_opened", default=None
+)
+
+
+async def _on_response(response: httpx.Response) -> None:
+    opened = _OPENED.get()
+    if opened is not None:
+        opened.append(response)
+
+
+@contextmanager
+def _collecting(opened: list[httpx.Response]) -> Iterator[None]:
+    # Set and reset within one step of our generator, never across a ``yield``, so the
+    # consumer's context is left as it was.
+    token = _OPENED.set(opened)
+    try:
+        yield
+    finally:
+        _OPENED.reset(token)
+
+
+class GeminiProvider:
+    """Streams ``generate_content_stream``; one instance (and one pool) per server."""
+
+    name = "gemini"
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+        default_model: str = "gemini-2.5-flash",
+    ) -> None:
+        self.default_model = default_model
+        self.timeout_s = timeout_s
+        timeout = httpx.Timeout(timeout_s)
+        self._http = httpx.AsyncClient(
+            timeout=timeout,
+            limits=httpx.Limits(
+                max_connections=MAX_CONNECTIONS,
+                max_keepalive_connections=MAX_KEEPALIVE_CONNECTIONS,
+            ),
+            event_hooks={"response": [_on_response]},
+        )
+        # Never used for requests; given so the SDK does not build a pool of its own.
+        self._sync_http = httpx.Client(timeout=timeout)
+        key = (
+            api_key
+            or os.environ.get("GEMINI_API_KEY")
+            or os.environ.get("GOOGLE_API_KEY")
+            or PLACEHOLDER_API_KEY
+        )
+        self._client = genai.Client(
+            vertexai=False,
+            api_key=key,
+            http_options=types.HttpOptions(
+                base_url=base_url,
+                timeout=max(1, round(timeout_s * 1000)),  # milliseconds
+                httpx_async_client=self._http,
+                httpx_client=self._sync_http,
+            ),
+        )
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Text deltas in order, then one ``Delta`` with ``finish_reason`` and ``usage``.
+
+        Raises:
+            ProviderError: a subclass telling what failed upstream.
+        """
+        contents, config = self._arguments(request)
+        opened: list[httpx.Response] = []
+        chunks: AsyncIterator[types.GenerateContentResponse] | None = None
+        started = False
+        try:
+            finish_reason: str | None = None
+            usage: Usage | None = None
+            while True:
+                with _collecting(opened):
+                    try:
+                        if chunks is None:
+                            chunks = await self._client.aio.models.generate_content_stream(
+                                model=request.model or self.default_model,
+                                contents=contents,
+                                config=config,
+                            )
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    except Exception as exc:
+                        raise self._error(exc, started=started) from exc
+                started = True
+                text, reason, chunk_usage = _read_chunk(chunk)
+                finish_reason = reason or finish_reason
+                usage = chunk_usage or usage
+                if text:
+                    yield Delta(text=text)
+            if finish_reason is None:
+                raise UpstreamConnectionError("upstream ended the stream before finishing")
+            yield Delta(finish_reason=finish_reason, usage=usage)
+        finally:
+            # Runs on cancellation and aclose() too. Closing the response closes its
+            # connection at once (it was not read to its end); the SDK's generators,
+            # closed after, then find it closed.
+            for response in opened:
+                await response.aclose()
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool (idle and in-use connections)."""
+        await self._client.aio.aclose()
+        await self._http.aclose()
+        self._sync_http.close()
+
+    def _arguments(
+        self, request: GenerationRequest
+    ) -> tuple[list[types.Content], types.GenerateContentConfig]:
+        system = [request.system] if request.system else []
+        contents: list[types.Content] = []
+        for message in request.messages:
+            if message.role == "system":
+                system.append(message.content)
+                continue
+            role = _ROLES.get(message.role)
+            if role is None:
+                raise BadRequest(f"gemini has no message role {message.role!r}")
+            contents.append(types.Content(role=role, parts=[types.Part(text=message.content)]))
+        config = types.GenerateContentConfig(
+            system_instruction="\n\n".join(system) if system else None,
+            temperature=request.temperature,
+            max_output_tokens=request.max_tokens,
+            automatic_continuation=False,
+        )
+        return contents, config
+
+    def _error(self, exc: Exception, *, started: bool) -> ProviderError:
+        if isinstance(exc, errors.APIError):
+            if isinstance(exc.code, int) and 400 <= exc.code < 600:
+                return status_error(exc.code, _headers(exc), exc.details, exc.status)
+            return ProviderError("upstream reported an error", retryable=True)
+        if isinstance(exc, httpx.TimeoutException):
+            return UpstreamTimeout(f"no data from upstream for {self.timeout_s:g} s")
+        if isinstance(exc, httpx.DecodingError | httpx.TooManyRedirects):
+            return UpstreamProtocolError("upstream answer could not be decoded")
+        if isinstance(exc, httpx.RequestError):
+            what = "dropped mid-stream" if started else "failed"
+            return UpstreamConnectionError(f"upstream connection {what}")
+        # errors.UnknownApiResponseError, json.JSONDecodeError and pydantic's
+        # ValidationError are ValueErrors; the SDK's converters raise the others on
+        # JSON of an unexpected shape.
+        if isinstance(exc, ValueError | TypeError | KeyError | AttributeError):
+            return UpstreamProtocolError("upstream sent a malformed chunk")
+        return ProviderError("upstream call failed")
+
+
+def status_error(
+    status: int, headers: Mapping[str, str], details: Any = None, upstream_status: Any = None
+) -> UpstreamHTTPError:
+    """An ``UpstreamHTTPError`` for an HTTP error status, with the wait Google asks for."""
+    detail = f" ({upstream_status})" if isinstance(upstream_status, str) else ""
+    return UpstreamHTTPError(
+        f"upstream answered HTTP {status}{detail}",
+        code="rate_limited" if status == 429 else f"upstream_{status}",
+        retryable=status >= 500 or status in RETRYABLE_STATUSES,
+        status=status,
+        retry_after_s=retry_after(headers, details),
+    )
+
+
+def retry_after(headers: Mapping[str, str], details: Any = None) -> float | None:
+    """Seconds from ``Retry-After``, else from a ``google.rpc.RetryInfo`` error detail
+    (``"retryDelay": "7s"``), which is how the Gemini API says it on 429."""
+    value = headers.get("retry-after")
+    if value:
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                seconds = -1.0
+            else:
+                seconds = max(0.0, when.timestamp() - time.time())
+        if 0 <= seconds < float("inf"):
+            return seconds
+    error = details.get("error", details) if isinstance(details, dict) else None
+    for item in (error or {}).get("details") or []:
+        if not isinstance(item, dict) or not str(item.get("@type", "")).endswith(".RetryInfo"):
+            continue
+        delay = item.get("retryDelay")
+        if isinstance(delay, str) and delay.endswith("s"):
+            try:
+                return max(0.0, float(delay[:-1]))
+            except ValueError:
+                return None
+    return None
+
+
+def _headers(exc: errors.APIError) -> Mapping[str, str]:
+    headers = getattr(exc.response, "headers", None)
+    return headers if headers is not None else {}
+
+
+def _read_chunk(chunk: types.GenerateContentResponse) -> tuple[str, str | None, Usage | None]:
+    """(text, finish_reason, usage) of one response chunk; thought parts are left out."""
+    text = ""
+    reason: str | None = None
+    if chunk.candidates:
+        candidate = chunk.candidates[0]
+        parts = candidate.content.parts if candidate.content is not None else None
+        for part in parts or []:
+            if part.text and not part.thought:
+                text += part.text
+        if candidate.finish_reason is not None:
+            name = str(getattr(candidate.finish_reason, "value", candidate.finish_reason))
+            reason = _FINISH_REASONS.get(name, name.lower())
+    elif chunk.prompt_feedback is not None and chunk.prompt_feedback.block_reason is not None:
+        reason = "content_filter"  # the prompt itself was blocked: no candidates at all
+    return text, reason, _usage(chunk.usage_metadata)
+
+
+def _usage(meta: types.GenerateContentResponseUsageMetadata | None) -> Usage | None:
+    if meta is None:
+        return None
+    completion = meta.candidates_token_count
+    if meta.thoughts_token_count:
+        completion = (completion or 0) + meta.thoughts_token_count
+    return Usage(
+        prompt_tokens=meta.prompt_token_count,
+        completion_tokens=completion,
+        total_tokens=meta.total_token_count,
+    )
