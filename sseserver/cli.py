@@ -24,7 +24,13 @@ log = logging.getLogger("sseserver")
 def build(config: Config, environ: Mapping[str, str] | None = None) -> tuple[Application, Context]:
     """Wire the application for ``config`` (also used by tests and benchmarks)."""
     env = dict(os.environ if environ is None else environ)
-    hub = MemoryHub(config.history, config.history_age_s)
+    hub: MemoryHub
+    if config.hub == "memory":
+        hub = MemoryHub(config.history, config.history_age_s)
+    else:
+        from .hub.redis import RedisHub  # imported only when used
+
+        hub = RedisHub(config.hub, config.history, config.history_age_s)
     generations = Generations(
         hub,
         resume_grace_s=config.resume_grace_s,
@@ -48,8 +54,9 @@ def make_server(config: Config, environ: Mapping[str, str] | None = None) -> Ser
         ctx.hub.close_all("shutdown")
         for provider in ctx.providers.values():
             await provider.aclose()
+        await ctx.hub.aclose()
 
-    return Server(config, app, on_shutdown=on_shutdown)
+    return Server(config, app, on_startup=ctx.hub.start, on_shutdown=on_shutdown)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from .sse import encode_retry
 
 log = logging.getLogger("sseserver")
 
-ShutdownHook = Callable[[], Awaitable[None]]
+Hook = Callable[[], Awaitable[None]]
 
 
 class Server:
@@ -25,10 +25,12 @@ class Server:
         config: Config,
         app: App,
         *,
-        on_shutdown: ShutdownHook | None = None,
+        on_startup: Hook | None = None,
+        on_shutdown: Hook | None = None,
     ) -> None:
         self.config = config
         self.state = ServerState(config, app)
+        self._on_startup = on_startup
         self._on_shutdown = on_shutdown
         self._servers: list[asyncio.Server] = []
         self._stop: asyncio.Event | None = None
@@ -41,6 +43,8 @@ class Server:
     async def start(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
         state = self.state
+        if self._on_startup is not None:
+            await self._on_startup()
         server = await loop.create_server(
             lambda: HTTPProtocol(state),
             host=None if sock is not None else self.config.host,

@@ -107,11 +107,14 @@ class GeminiProvider:
         api_key: str | None = None,
         timeout_s: float = 30.0,
         default_model: str = "gemini-2.5-flash",
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """``transport`` replaces the network (``httpx.MockTransport`` in unit tests)."""
         self.default_model = default_model
         self.timeout_s = timeout_s
         timeout = httpx.Timeout(timeout_s)
         self._http = httpx.AsyncClient(
+            transport=transport,
             timeout=timeout,
             limits=httpx.Limits(
                 max_connections=MAX_CONNECTIONS,

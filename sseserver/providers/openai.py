@@ -69,10 +69,13 @@ class OpenAIProvider:
         api_key: str | None = None,
         timeout_s: float = 30.0,
         default_model: str = "gpt-4o-mini",
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """``transport`` replaces the network (``httpx.MockTransport`` in unit tests)."""
         self.default_model = default_model
         self.timeout_s = timeout_s
         self._http = httpx.AsyncClient(
+            transport=transport,
             timeout=httpx.Timeout(timeout_s),
             limits=httpx.Limits(
                 max_connections=MAX_CONNECTIONS,

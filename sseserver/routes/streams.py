@@ -10,7 +10,8 @@ from typing import Any
 from ..app import Application
 from ..context import Context
 from ..errors import HTTPError
-from ..generations import Generation, parse_event_id
+from ..generations import Generation, parse_event_id, topic_of
+from ..hub.base import EARLIEST, Subscription
 from ..providers.base import BadRequest, GenerationRequest, Message, Provider
 from ..stream import EventStream, Request
 
@@ -146,18 +147,41 @@ def register(app: Application, ctx: Context) -> None:
             )
             stream.finish("missed_events")
 
-    def resumable(request: Request) -> tuple[Generation, int] | None:
+    async def resume_elsewhere(gen_id: str, after_seq: int, stream: EventStream) -> bool:
+        """Resume a generation produced by another instance (Redis hub): its events are
+        in this instance's mirror of the history. False when they are not."""
+        hub = ctx.hub
+        topic = topic_of(gen_id)
+        last = f"{gen_id}:{after_seq}" if after_seq >= 0 else EARLIEST
+        if hub.get(last) is None and not (last == EARLIEST and hub.held(topic)):
+            return False
+        if hub.is_closed(topic) and hub.last_id(topic) == last:
+            stream.respond(204, content_type=None)
+            return True
+        if not stream.start(retry_ms=retry_ms):
+            return True
+        stream.on_full = "drop"
+        stream.detached = True
+        stream.log["generation"] = gen_id
+        await hub.subscribe(Subscription(stream, (topic,)), last)
+        if hub.is_closed(topic):
+            stream.finish("complete")
+        return True
+
+    async def try_resume(request: Request, stream: EventStream, *, throttle: bool) -> bool:
+        """Resume after the client's Last-Event-ID when it names a known generation."""
         parsed = parse_event_id(last_event_id(request))
         if parsed is None:
-            return None
+            return False
         gen = generations.get(parsed[0])
-        return (gen, parsed[1]) if gen is not None else None
+        if gen is None:
+            return await resume_elsewhere(parsed[0], parsed[1], stream)
+        await resume(gen, parsed[1], stream, throttle=throttle)
+        return True
 
     @app.route(["GET"], "/v1/stream")
     async def stream_get(request: Request, stream: EventStream) -> None:
-        known = resumable(request)
-        if known is not None:
-            await resume(known[0], known[1], stream, throttle=True)
+        if await try_resume(request, stream, throttle=True):
             return
         q = request.query_param("q", "") or ""
         messages = (Message("user", q),)
@@ -169,9 +193,7 @@ def register(app: Application, ctx: Context) -> None:
 
     @app.route(["POST"], "/v1/stream")
     async def stream_post(request: Request, stream: EventStream) -> None:
-        known = resumable(request)
-        if known is not None:
-            await resume(known[0], known[1], stream, throttle=True)
+        if await try_resume(request, stream, throttle=True):
             return
         body = json_body(request)
         params = body.get("params") or {}
@@ -185,13 +207,16 @@ def register(app: Application, ctx: Context) -> None:
 
     @app.route(["GET"], "/v1/streams/{id}")
     async def stream_join(request: Request, stream: EventStream) -> None:
-        gen = generations.get(request.params["id"])
-        if gen is None:
-            raise HTTPError(404, "not_found", "no such generation")
+        gen_id = request.params["id"]
         parsed = parse_event_id(last_event_id(request))
-        if parsed is not None and parsed[0] == gen.id:
-            await resume(gen, parsed[1], stream, throttle=False)
-            return
+        if parsed is not None and parsed[0] == gen_id:
+            if await try_resume(request, stream, throttle=False):
+                return
+        gen = generations.get(gen_id)
+        if gen is None:
+            if await resume_elsewhere(gen_id, -1, stream):
+                return
+            raise HTTPError(404, "not_found", "no such generation")
         if not stream.start(retry_ms=retry_ms):
             return
         await generations.join(gen, stream, None, throttle=False)

@@ -1,0 +1,225 @@
+"""The Redis hub: Redis Streams carry updates between processes and machines, and keep
+the history that a new instance loads at start.
+
+Every instance keeps a local mirror of the history (the in-memory hub), filled from the
+stream at start and by one reader task afterwards, so replay and attach stay synchronous
+(no update can slip between them). An update published here is written to Redis first
+and then delivered locally; the reader skips updates that came from this instance.
+
+When Redis goes away, publishing answers 503, local subscribers stay connected, and the
+reader resumes from the last entry it saw once Redis is back: nothing that Redis still
+holds is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .base import Update
+from .memory import MemoryHub
+
+log = logging.getLogger("sseserver.hub")
+
+STREAM_KEY = "sseserver:updates"
+READ_BLOCK_MS = 1000
+READ_COUNT = 1000
+RECONNECT_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0)  # then every 1 s
+CONNECTION_ERRORS = (RedisError, ConnectionError, OSError, TimeoutError)
+
+
+class RedisHub(MemoryHub):
+    def __init__(
+        self,
+        url: str,
+        history: int = 1000,
+        history_age_s: float = 3600.0,
+        *,
+        stream_key: str = STREAM_KEY,
+        max_len: int | None = None,
+    ) -> None:
+        super().__init__(history, history_age_s)
+        self.url = url
+        self.stream_key = stream_key
+        self.max_len = max_len or max(10_000, history * 10)
+        self.instance = uuid.uuid4().hex
+        self._redis: aioredis.Redis | None = None
+        self._last_entry = "0-0"
+        self._reader: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._outbox: asyncio.Queue[Update] = asyncio.Queue()
+        self._connected = False
+
+    @property
+    def ready(self) -> bool:
+        return self._connected
+
+    async def start(self) -> None:
+        self._redis = aioredis.from_url(
+            self.url, socket_connect_timeout=2, socket_keepalive=True, health_check_interval=10
+        )
+        try:
+            await self._load_history()
+            self._connected = True
+        except CONNECTION_ERRORS as exc:
+            log.warning("redis hub: cannot load history from %s: %s", self.url, exc)
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read_forever(), name="redis-hub-reader")
+        self._writer = loop.create_task(self._write_forever(), name="redis-hub-writer")
+
+    async def aclose(self) -> None:
+        for task in (self._reader, self._writer):
+            if task is not None:
+                task.cancel()
+        for task in (self._reader, self._writer):
+            if task is not None:
+                try:
+                    await task
+                except (asyncio.CancelledError, *CONNECTION_ERRORS):
+                    pass
+        self.close_all()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    # -- encoding ----------------------------------------------------------------------
+
+    def _fields(self, update: Update) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "origin": self.instance,
+            "id": update.id,
+            "topics": json.dumps(update.topics),
+        }
+        if update.data is not None:
+            fields["data"] = update.data
+        if update.event is not None:
+            fields["event"] = update.event
+        if update.retry is not None:
+            fields["retry"] = str(update.retry)
+        if update.private:
+            fields["private"] = "1"
+        if update.final:
+            fields["final"] = "1"
+        return fields
+
+    def _decode(self, raw: dict[bytes, bytes]) -> Update | None:
+        f = {k.decode(): v.decode("utf-8", "replace") for k, v in raw.items()}
+        try:
+            topics = tuple(json.loads(f["topics"]))
+            return self.make_update(
+                topics,
+                f.get("data"),
+                id=f["id"],
+                event=f.get("event"),
+                retry=int(f["retry"]) if "retry" in f else None,
+                private=f.get("private") == "1",
+                final=f.get("final") == "1",
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            log.debug("redis hub: skipping entry: %s", exc)
+            return None
+
+    # -- publishing ----------------------------------------------------------------------
+
+    async def publish(
+        self,
+        topics: tuple[str, ...],
+        data: str | None,
+        *,
+        id: str | None = None,
+        event: str | None = None,
+        retry: int | None = None,
+        private: bool = False,
+    ) -> str:
+        """Store in Redis, then deliver here. Raises ConnectionError when Redis is down."""
+        update = self.make_update(topics, data, id=id, event=event, retry=retry, private=private)
+        assert self._redis is not None
+        try:
+            await self._redis.xadd(
+                self.stream_key, self._fields(update), maxlen=self.max_len, approximate=True
+            )
+        except CONNECTION_ERRORS as exc:
+            raise ConnectionError(f"redis unavailable: {exc}") from exc
+        super().dispatch(update)
+        return update.id
+
+    def dispatch(self, update: Update) -> None:
+        """Deliver here at once (no round trip on the token path), forward in order."""
+        super().dispatch(update)
+        self._outbox.put_nowait(update)
+
+    async def _write_forever(self) -> None:
+        delay = 0
+        while True:
+            update = await self._outbox.get()
+            batch = [update]
+            while not self._outbox.empty() and len(batch) < READ_COUNT:
+                batch.append(self._outbox.get_nowait())
+            while True:
+                try:
+                    assert self._redis is not None
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for item in batch:
+                            pipe.xadd(
+                                self.stream_key,
+                                self._fields(item),
+                                maxlen=self.max_len,
+                                approximate=True,
+                            )
+                        await pipe.execute()
+                    delay = 0
+                    break
+                except CONNECTION_ERRORS as exc:
+                    log.warning("redis hub: forwarding failed (%s), retrying", exc)
+                    await asyncio.sleep(RECONNECT_DELAYS[min(delay, len(RECONNECT_DELAYS) - 1)])
+                    delay += 1
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def _load_history(self) -> None:
+        """Mirror what Redis holds, oldest first, so that resume works on any instance."""
+        assert self._redis is not None
+        start = "-"
+        while True:
+            entries = await self._redis.xrange(self.stream_key, min=start, count=READ_COUNT)
+            for entry_id, raw in entries:
+                self._last_entry = entry_id.decode()
+                update = self._decode(raw)
+                if update is not None:
+                    super().dispatch(update)
+            if len(entries) < READ_COUNT:
+                return
+            start = "(" + self._last_entry
+
+    async def _read_forever(self) -> None:
+        failures = 0
+        while True:
+            try:
+                assert self._redis is not None
+                result = await self._redis.xread(
+                    {self.stream_key: self._last_entry}, block=READ_BLOCK_MS, count=READ_COUNT
+                )
+                if not self._connected:
+                    log.info("redis hub: connected to %s", self.url)
+                self._connected = True
+                failures = 0
+            except CONNECTION_ERRORS as exc:
+                if self._connected:
+                    log.warning("redis hub: lost %s: %s", self.url, exc)
+                self._connected = False
+                await asyncio.sleep(RECONNECT_DELAYS[min(failures, len(RECONNECT_DELAYS) - 1)])
+                failures += 1
+                continue
+            for _key, entries in result or ():
+                for entry_id, raw in entries:
+                    self._last_entry = entry_id.decode()
+                    if raw.get(b"origin", b"").decode() == self.instance:
+                        continue
+                    update = self._decode(raw)
+                    if update is not None:
+                        super().dispatch(update)
