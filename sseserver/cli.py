@@ -6,17 +6,25 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 from .app import Application
+from .auth import Authenticator
 from .config import Config, load_config
 from .context import Context, configured_providers
-from .generations import Generations
+from .generations import Generation, Generations
 from .hub.memory import MemoryHub
 from .logs import configure_logging
 from .loops import loop_factory
+from .metrics import MULTIPROC_ENV, Metrics, disconnect_reason
+from .middleware import CORS, Guard, request_id
+from .ratelimit import ClientAddress, ConcurrencyLimiter, WindowLimiter
 from .routes import mercure, ops, streams
 from .server import Server
+from .stream import EventStream
+from .workers import supervise
 
 log = logging.getLogger("sseserver")
 
@@ -38,11 +46,67 @@ def build(config: Config, environ: Mapping[str, str] | None = None) -> tuple[App
         keep_s=config.history_age_s,
     )
     ctx = Context(config, hub, generations, configured_providers(config, env))
+    generations.observer = observe_generation(ctx.metrics)
     app = Application()
+    auth = Authenticator(
+        secret=config.jwt_secret,
+        public_key=config.jwt_public_key,
+        audience=config.jwt_audience,
+        issuer=config.jwt_issuer,
+    )
+    redis = getattr(hub, "redis", None)
+    app.middlewares.append(request_id)
+    if config.cors_origins:
+        app.middlewares.append(CORS(config.cors_origins))
+    app.middlewares.append(
+        Guard(
+            auth,
+            ClientAddress(config.trusted_proxies),
+            ctx.metrics,
+            WindowLimiter(config.rate, redis) if config.rate else None,
+            ConcurrencyLimiter(config.max_streams_per_subject)
+            if config.max_streams_per_subject
+            else None,
+        )
+    )
     ops.register(app, ctx)
     streams.register(app, ctx)
     mercure.register(app, ctx)
     return app, ctx
+
+
+def observe_generation(metrics: Metrics) -> Callable[[Generation, str], None]:
+    def observe(gen: Generation, what: str) -> None:
+        provider = gen.provider.name
+        if what == "first_token" and gen.ttft_ms is not None:
+            metrics.ttft.labels(provider).observe(gen.ttft_ms / 1000)
+        elif what == "end":
+            metrics.tokens.labels(provider).inc(gen.tokens)
+            metrics.generations.labels(provider, gen.error_code or "complete").inc()
+            if gen.error_code and gen.error_code not in ("cancelled", "abandoned", "shutdown"):
+                metrics.upstream_errors.labels(provider, gen.error_code).inc()
+
+    return observe
+
+
+def observe_responses(server: Server, metrics: Metrics) -> None:
+    state = server.state
+
+    def response_done(stream: EventStream) -> None:
+        metrics.requests.labels(str(stream.status)).inc()
+        if stream.request.method != "HEAD" and stream.status == 200 and stream.close_reason:
+            metrics.bytes_out.inc(stream.bytes_sent)
+            metrics.stream_duration.observe(time.monotonic() - stream.request.received_at)
+            metrics.disconnects.labels(disconnect_reason(stream.close_reason)).inc()
+            if stream.close_reason == "slow_client":
+                metrics.slow_drops.inc()
+
+    def refresh() -> None:
+        metrics.open_connections.set(len(state.connections))
+        metrics.open_streams.labels("all").set(len(state.streams.streams))
+
+    state.on_response_done = response_done
+    state.streams.on_tick = refresh
 
 
 def make_server(config: Config, environ: Mapping[str, str] | None = None) -> Server:
@@ -56,7 +120,9 @@ def make_server(config: Config, environ: Mapping[str, str] | None = None) -> Ser
             await provider.aclose()
         await ctx.hub.aclose()
 
-    return Server(config, app, on_startup=ctx.hub.start, on_shutdown=on_shutdown)
+    server = Server(config, app, on_startup=ctx.hub.start, on_shutdown=on_shutdown)
+    observe_responses(server, ctx.metrics)
+    return server
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,6 +134,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
     if not (config.jwt_secret or config.jwt_public_key):
         log.warning("authentication is off: anyone who can reach this port can stream")
+    if config.workers > 1:
+        if config.port == 0:
+            print("sseserver: --workers needs a fixed --port", file=sys.stderr)
+            return 2
+        if not os.environ.get(MULTIPROC_ENV):  # metrics summed over the workers
+            os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="sseserver-metrics-")
+        return supervise(
+            config.workers, lambda _index: serve(config), grace_s=config.shutdown_grace_s
+        )
+    return serve(config)
+
+
+def serve(config: Config) -> int:
+    """Run one server process until SIGTERM/SIGINT; the exit code."""
     try:
         server = make_server(config)
     except ValueError as exc:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from .config import Config
 from .generations import Generations
 from .hub.memory import MemoryHub
+from .metrics import Metrics
 from .providers import load
 from .providers.base import Provider
 
@@ -20,6 +21,7 @@ class Context:
     hub: MemoryHub
     generations: Generations
     providers: dict[str, Provider] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
     shutting_down: bool = False
 
     def provider(self, name: str | None) -> Provider | None:

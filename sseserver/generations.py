@@ -97,7 +97,7 @@ class Generations:
         self.keep_s = keep_s
         self._running: dict[str, Generation] = {}
         self._ended: dict[str, tuple[float, Generation]] = {}
-        self._observer = observer
+        self.observer = observer
 
     def get(self, generation_id: str) -> Generation | None:
         gen = self._running.get(generation_id)
@@ -301,8 +301,8 @@ class Generations:
             del ended[key]
 
     def _notify(self, gen: Generation, what: str) -> None:
-        if self._observer is not None:
-            self._observer(gen, what)
+        if self.observer is not None:
+            self.observer(gen, what)
 
     async def shutdown(self, grace_s: float) -> None:
         """Let running generations finish within ``grace_s``, then cancel the rest."""

@@ -98,6 +98,8 @@ class ServerState:
         self.handlers: set[asyncio.Task[None]] = set()
         self.shutting_down = False
         self.total_connections = 0
+        # Observers for metrics, called once per response (never per event).
+        self.on_response_done: Callable[[EventStream], None] | None = None
 
 
 class HTTPProtocol(asyncio.Protocol):
@@ -304,10 +306,14 @@ class HTTPProtocol(asyncio.Protocol):
                 stream.on_close(self._log_access)
 
     def _log_access(self, stream: EventStream) -> None:
+        observer = self.state.on_response_done
+        if observer is not None:
+            observer(stream)
         if not access_log.isEnabledFor(logging.INFO):
             return
         request = stream.request
         fields = {
+            "request_id": request.id or None,
             "method": request.method,
             "path": request.path,
             "status": stream.status,

@@ -30,6 +30,9 @@ HeaderList = list[tuple[bytes, bytes]]
 OnFull = Literal["wait", "drop"]
 
 PING = Frame.of(encode_comment("ping"))
+TOKEN_EXPIRED = encode_event(
+    '{"code":"token_expired","message":"access token expired","retryable":true}', event="error"
+)
 SLOW_GOODBYE = Frame.of(encode_comment("slow consumer: disconnecting, resume with Last-Event-ID"))
 
 STREAM_HEADERS: HeaderList = [
@@ -107,7 +110,9 @@ class EventStream:
         "bytes_sent",
         "close_reason",
         "deadline",
+        "deadline_reason",
         "detached",
+        "extra_headers",
         "idle_ticks",
         "log",
         "on_full",
@@ -128,6 +133,8 @@ class EventStream:
         self.idle_ticks = 0
         self.close_reason = ""
         self.deadline = 0.0  # monotonic time the stream must end by (0: never)
+        self.deadline_reason = "max_duration"
+        self.extra_headers: HeaderList = []  # added to whichever head is sent (CORS, ids)
         self.detached = False
         self.on_full: OnFull = "wait"
         self.log: dict[str, Any] = {}
@@ -157,7 +164,9 @@ class EventStream:
         if content_type is not None:
             head.append((b"content-type", content_type.encode("latin-1")))
         head.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers)
-        head.append((b"content-length", str(len(body)).encode()))
+        head.extend(self.extra_headers)
+        if status not in (204, 304):  # RFC 9110 §8.6: no Content-Length on a 204
+            head.append((b"content-length", str(len(body)).encode()))
         self.status = status
         self.state = "done"
         self._channel.send_head(status, head)
@@ -193,6 +202,7 @@ class EventStream:
             return self.state == "streaming"
         head = [*STREAM_HEADERS, (b"connection", b"keep-alive")]
         head.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers)
+        head.extend(self.extra_headers)
         self.status = status
         self._chunked = self._channel.send_head(status, head)
         if self.request.method == "HEAD" or self._channel.transport is None:
@@ -201,7 +211,9 @@ class EventStream:
             return False
         self.state = "streaming"
         self._registry.add(self)
-        self.deadline = self._registry.deadline()
+        limit = self._registry.deadline()
+        if limit and (not self.deadline or limit < self.deadline):
+            self.deadline, self.deadline_reason = limit, "max_duration"
         preamble = (
             encode_event(retry=retry_ms, comment="stream open")
             if retry_ms
@@ -337,6 +349,7 @@ class StreamRegistry:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.pings_sent = 0
         self.ticks = 0
+        self.on_tick: Callable[[], None] | None = None
 
     def add(self, stream: EventStream) -> None:
         self.streams.add(stream)
@@ -377,14 +390,14 @@ class StreamRegistry:
         now = time.monotonic()
         for stream in list(self.streams):
             if stream.deadline and stream.deadline <= now:
-                # Maximum life reached: end cleanly and tell the client when to come back.
-                stream.write(encode_retry(self.retry_ms))
-                stream.close("max_duration")
+                self._expire(stream)
                 continue
             stream.idle_ticks += 1
             if stream.idle_ticks >= due:
                 if stream.write_frame(PING):
                     self.pings_sent += 1
+        if self.on_tick is not None:
+            self.on_tick()
         if self._lingering:
             keep = []
             for deadline, stream in self._lingering:
@@ -394,6 +407,14 @@ class StreamRegistry:
                     keep.append((deadline, stream))
             self._lingering = keep
         self._schedule()
+
+    def _expire(self, stream: EventStream) -> None:
+        if stream.deadline_reason == "token_expired":
+            stream.write(TOKEN_EXPIRED)
+        else:
+            # Maximum life reached: end cleanly and tell the client when to come back.
+            stream.write(encode_retry(self.retry_ms))
+        stream.close(stream.deadline_reason)
 
     def broadcast(self, payload: bytes) -> None:
         """Write the same payload to every open stream (framed once)."""

@@ -46,10 +46,12 @@ class RedisHub(MemoryHub):
     ) -> None:
         super().__init__(history, history_age_s)
         self.url = url
+        self._redis: aioredis.Redis | None = aioredis.from_url(
+            url, socket_connect_timeout=2, socket_keepalive=True, health_check_interval=10
+        )
         self.stream_key = stream_key
         self.max_len = max_len or max(10_000, history * 10)
         self.instance = uuid.uuid4().hex
-        self._redis: aioredis.Redis | None = None
         self._last_entry = "0-0"
         self._reader: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -59,6 +61,11 @@ class RedisHub(MemoryHub):
     @property
     def ready(self) -> bool:
         return self._connected
+
+    @property
+    def redis(self) -> aioredis.Redis | None:
+        """The client, shared with the rate limiter so limits hold across instances."""
+        return self._redis
 
     async def start(self) -> None:
         self._redis = aioredis.from_url(

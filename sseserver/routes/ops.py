@@ -47,6 +47,11 @@ def register(app: Application, ctx: Context) -> None:
         else:
             stream.respond_json(200, {"status": "ready"})
 
+    @app.route(["GET"], "/metrics")
+    async def metrics(request: Request, stream: EventStream) -> None:
+        body, ctype = ctx.metrics.render()
+        stream.respond(200, body, content_type=ctype)
+
     @app.route(["GET"], "/v1/providers")
     async def providers(request: Request, stream: EventStream) -> None:
         stream.respond_json(

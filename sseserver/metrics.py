@@ -1,0 +1,95 @@
+"""Prometheus metrics (prometheus-client). Updated per connection, stream and generation,
+never per event, so the fan-out hot path stays free of metric locks. With ``--workers``
+the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics`` sums every worker."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prom_multiprocess
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600)
+
+
+class Metrics:
+    """All of the server's metrics, in a registry of their own (tests make several)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        live: dict[str, Any] = {"multiprocess_mode": "livesum"}
+        self.open_connections = Gauge(
+            "sseserver_open_connections", "Open TCP connections", registry=r, **live
+        )
+        self.open_streams = Gauge(
+            "sseserver_open_streams", "Open event streams", ["kind"], registry=r, **live
+        )
+        self.requests = Counter("sseserver_requests", "Requests answered", ["status"], registry=r)
+        self.ttft = Histogram(
+            "sseserver_ttft_seconds",
+            "Time to first token",
+            ["provider"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter("sseserver_tokens", "Text deltas streamed", ["provider"], registry=r)
+        self.generations = Counter(
+            "sseserver_generations", "Generations ended", ["provider", "outcome"], registry=r
+        )
+        self.bytes_out = Counter(
+            "sseserver_stream_bytes", "Body bytes written to streams", registry=r
+        )
+        self.stream_duration = Histogram(
+            "sseserver_stream_duration_seconds",
+            "Stream durations",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.disconnects = Counter(
+            "sseserver_disconnects", "Streams ended, by reason", ["reason"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "sseserver_upstream_errors", "Upstream errors", ["provider", "code"], registry=r
+        )
+        self.slow_drops = Counter(
+            "sseserver_slow_client_drops", "Subscribers cut for reading too slowly", registry=r
+        )
+        self.rate_limited = Counter(
+            "sseserver_rate_limited", "Requests refused with 429", ["limit"], registry=r
+        )
+        self.auth_failures = Counter(
+            "sseserver_auth_failures", "Requests refused 401/403", ["status"], registry=r
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text; summed over workers in multi-process mode."""
+        if os.environ.get(MULTIPROC_ENV):
+            registry = CollectorRegistry()
+            prom_multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def disconnect_reason(close_reason: str) -> str:
+    """Fold the many close reasons into the few a dashboard wants."""
+    if close_reason in ("client_disconnect", "cancelled"):
+        return "client"
+    if close_reason == "slow_client":
+        return "slow"
+    if close_reason in ("shutdown", "max_duration"):
+        return "shutdown" if close_reason == "shutdown" else "max_duration"
+    if close_reason in ("complete", ""):
+        return "complete"
+    return "error"

@@ -1,0 +1,151 @@
+"""Per-request policies wrapped around every handler: request ids, CORS, JWT auth and
+rate limits (SPEC §9). ``/healthz`` and ``/readyz`` are never authenticated nor limited."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Sequence
+
+from .app import Handler
+from .auth import Authenticator
+from .errors import HTTPError
+from .metrics import Metrics
+from .ratelimit import ClientAddress, ConcurrencyLimiter, WindowLimiter
+from .stream import EventStream, Request
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# The demo page and its files load without a token; the page passes one on its API calls.
+UNAUTHENTICATED_PREFIXES = ("/static/",)
+UNAUTHENTICATED_PATHS = frozenset({"/", "/metrics", "/v1/providers"})
+STREAM_PATHS = ("/v1/stream", "/v1/streams/", "/v1/chat", "/.well-known/mercure")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+CORS_MAX_AGE = "600"
+CORS_EXPOSE = "Last-Event-ID, X-Request-ID, Retry-After"
+
+
+async def request_id(request: Request, stream: EventStream, call_next: Handler) -> None:
+    """Take nginx's ``X-Request-ID`` when it is sane, else make one; echo it back."""
+    given = request.header("x-request-id")
+    request.id = given if given and REQUEST_ID.fullmatch(given) else secrets.token_hex(8)
+    stream.extra_headers.append((b"x-request-id", request.id.encode()))
+    await call_next(request, stream)
+
+
+class CORS:
+    """An allowlist of origins; credentials only for listed origins; nothing for others."""
+
+    def __init__(self, origins: Sequence[str]) -> None:
+        self.any = "*" in origins
+        self.origins = frozenset(o.rstrip("/") for o in origins if o != "*")
+
+    async def __call__(self, request: Request, stream: EventStream, call_next: Handler) -> None:
+        origin = request.header("origin")
+        listed = origin is not None and origin in self.origins
+        if origin is None or not (listed or self.any):
+            await call_next(request, stream)
+            return
+        headers = stream.extra_headers
+        headers.append((b"access-control-allow-origin", origin.encode("latin-1")))
+        headers.append((b"vary", b"Origin"))
+        if listed:
+            headers.append((b"access-control-allow-credentials", b"true"))
+        if request.method == "OPTIONS" and request.header("access-control-request-method"):
+            asked = request.header("access-control-request-headers") or ""
+            allowed = ", ".join(
+                h.strip()
+                for h in asked.split(",")
+                if re.fullmatch(r"[A-Za-z0-9\-]{1,64}", h.strip())
+            )
+            stream.respond(
+                204,
+                headers=[
+                    ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+                    ("Access-Control-Allow-Headers", allowed or "Content-Type, Authorization"),
+                    ("Access-Control-Max-Age", CORS_MAX_AGE),
+                ],
+                content_type=None,
+            )
+            return
+        headers.append((b"access-control-expose-headers", CORS_EXPOSE.encode()))
+        await call_next(request, stream)
+
+
+class Guard:
+    """Authentication, then rate limits, for everything but the public paths."""
+
+    def __init__(
+        self,
+        auth: Authenticator,
+        addresses: ClientAddress,
+        metrics: Metrics,
+        window: WindowLimiter | None = None,
+        concurrency: ConcurrencyLimiter | None = None,
+    ) -> None:
+        self.auth = auth
+        self.addresses = addresses
+        self.metrics = metrics
+        self.window = window
+        self.concurrency = concurrency
+
+    async def __call__(self, request: Request, stream: EventStream, call_next: Handler) -> None:
+        path = request.path
+        if path in PUBLIC_PATHS or request.method == "OPTIONS":
+            await call_next(request, stream)
+            return
+        open_path = path in UNAUTHENTICATED_PATHS or path.startswith(UNAUTHENTICATED_PREFIXES)
+        try:
+            claims = self.auth.authenticate(request, required=not open_path)
+        except HTTPError as exc:
+            self.metrics.auth_failures.labels(str(exc.status)).inc()
+            raise
+        request.claims = claims
+        if claims is not None:
+            stream.log["subject"] = claims.subject
+            if claims.expires_at is not None:
+                stream.deadline = time.monotonic() + max(0.0, claims.expires_at - time.time())
+                stream.deadline_reason = "token_expired"
+        if open_path:
+            await call_next(request, stream)
+            return
+        key = (
+            f"sub:{claims.subject}"
+            if claims is not None and claims.subject
+            else f"ip:{self.addresses.of(request)}"
+        )
+        if self.window is not None:
+            wait = await self.window.hit(key)
+            if wait:
+                self.metrics.rate_limited.labels("requests").inc()
+                raise HTTPError(
+                    429, "rate_limited", "too many requests", [("Retry-After", str(int(wait)))]
+                )
+        concurrency = self.concurrency
+        if (
+            concurrency is None
+            or not path.startswith(STREAM_PATHS)
+            or (request.method == "POST" and path == "/.well-known/mercure")
+        ):
+            await call_next(request, stream)
+            return
+        if not concurrency.acquire(key):
+            self.metrics.rate_limited.labels("streams").inc()
+            raise HTTPError(
+                429, "too_many_streams", "too many concurrent streams", [("Retry-After", "1")]
+            )
+        released = False
+
+        def release(_stream: EventStream | None = None) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                concurrency.release(key)
+
+        try:
+            await call_next(request, stream)
+        finally:
+            if stream.open:
+                stream.on_close(release)  # a detached stream holds its slot until it ends
+            else:
+                release()
