@@ -21,7 +21,7 @@ from .loops import loop_factory
 from .metrics import MULTIPROC_ENV, Metrics, disconnect_reason
 from .middleware import CORS, Guard, request_id
 from .ratelimit import ClientAddress, ConcurrencyLimiter, WindowLimiter
-from .routes import mercure, ops, streams
+from .routes import compat, mercure, ops, streams
 from .server import Server
 from .stream import EventStream
 from .workers import supervise
@@ -72,6 +72,7 @@ def build(config: Config, environ: Mapping[str, str] | None = None) -> tuple[App
     ops.register(app, ctx)
     streams.register(app, ctx)
     mercure.register(app, ctx)
+    compat.register(app, ctx)
     return app, ctx
 
 

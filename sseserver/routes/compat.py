@@ -1,0 +1,267 @@
+"""Drop-in protocols for existing clients: OpenAI's ``/v1/chat/completions`` (so the
+official SDKs can use sseserver as their base URL, whatever the provider behind it) and
+the Vercel AI SDK UI message stream (v1) on ``/v1/chat`` (so ``useChat`` pages work).
+
+Both run the provider in the request's own task: when the client leaves, the task is
+cancelled and the upstream call with it. The response head waits for the first delta, so
+an upstream that fails at once gets a real HTTP status instead of a 200 and an error.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from ..app import Application
+from ..context import Context
+from ..errors import HTTPError, error_body
+from ..providers.base import Delta, GenerationRequest, Message, Provider, ProviderError, Usage
+from ..stream import EventStream, Request
+from .streams import build_request, json_body, parse_messages
+
+DONE = b"data: [DONE]\n\n"
+UI_STREAM_HEADERS = [("x-vercel-ai-ui-message-stream", "v1")]
+
+
+def _data(obj: object) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def _upstream_status(exc: ProviderError) -> int:
+    if exc.code == "bad_request":
+        return 400
+    if exc.status in (401, 403):
+        return 502  # our key is wrong: not the caller's fault
+    if exc.status == 429:
+        return 429
+    return 504 if exc.code == "upstream_timeout" else 502
+
+
+def _raise_for(exc: ProviderError) -> HTTPError:
+    headers = []
+    if exc.retry_after_s is not None:
+        headers.append(("Retry-After", str(max(1, round(exc.retry_after_s)))))
+    return HTTPError(_upstream_status(exc), exc.code, exc.message, headers)
+
+
+def _pick_provider(ctx: Context, body: dict[str, Any]) -> tuple[Any, Any]:
+    """``provider`` field, or a ``provider/model`` model name, or the default."""
+    provider, model = body.get("provider"), body.get("model")
+    if provider is None and isinstance(model, str) and "/" in model:
+        prefix, _, rest = model.partition("/")
+        if prefix in ctx.providers:
+            provider, model = prefix, rest
+    return provider, model
+
+
+async def _first(deltas: AsyncIterator[Delta]) -> Delta | None:
+    """The first delta with text (or the last one), so the head can wait for it."""
+    async for delta in deltas:
+        if delta.text or delta.finish_reason or delta.usage:
+            return delta
+    return None
+
+
+def register(app: Application, ctx: Context) -> None:
+    @app.route(["POST"], "/v1/chat/completions")
+    async def chat_completions(request: Request, stream: EventStream) -> None:
+        body = json_body(request)
+        provider_name, model = _pick_provider(ctx, body)
+        params = {k: body[k] for k in ("temperature", "max_tokens") if body.get(k) is not None}
+        if body.get("max_completion_tokens") is not None and "max_tokens" not in params:
+            params["max_tokens"] = body["max_completion_tokens"]
+        params.update({k: v for k, v in (body.get("sseserver") or {}).items()})
+        messages = parse_messages(body.get("messages"))
+        provider, gen = build_request(ctx, provider_name, model, messages, params)
+        completion_id = "chatcmpl-" + secrets.token_hex(12)
+        created = int(time.time())
+        model_name = gen.model or provider.default_model
+        if body.get("stream"):
+            opts = body.get("stream_options") or {}
+            await _openai_stream(
+                stream,
+                provider,
+                gen,
+                completion_id,
+                created,
+                model_name,
+                include_usage=bool(isinstance(opts, dict) and opts.get("include_usage")),
+            )
+        else:
+            await _openai_whole(stream, provider, gen, completion_id, created, model_name)
+
+    @app.route(["POST"], "/v1/chat")
+    async def ui_chat(request: Request, stream: EventStream) -> None:
+        body = json_body(request)
+        provider_name, model = _pick_provider(ctx, body)
+        messages = _ui_messages(body.get("messages"))
+        params = body.get("params") if isinstance(body.get("params"), dict) else {}
+        provider, gen = build_request(ctx, provider_name, model, messages, params or {})
+        await _ui_stream(stream, provider, gen)
+
+
+def _ui_messages(raw: Any) -> tuple[Message, ...]:
+    """useChat sends UIMessages (``parts``); plain ``content`` is accepted too."""
+    if not isinstance(raw, list) or not raw:
+        raise HTTPError(400, "bad_request", "messages must be a non-empty list")
+    plain = []
+    for i, item in enumerate(raw):
+        if isinstance(item, dict) and isinstance(item.get("parts"), list):
+            text = "".join(
+                p.get("text", "")
+                for p in item["parts"]
+                if isinstance(p, dict)
+                and p.get("type") == "text"
+                and isinstance(p.get("text"), str)
+            )
+            plain.append({"role": item.get("role"), "content": text})
+        elif isinstance(item, dict):
+            plain.append(item)
+        else:
+            raise HTTPError(400, "bad_request", f"messages[{i}] must be an object")
+    return parse_messages(plain)
+
+
+def _chunk(
+    cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None = None
+) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+def _usage(usage: Usage | None) -> dict[str, int]:
+    u = usage or Usage()
+    return {
+        "prompt_tokens": u.prompt_tokens or 0,
+        "completion_tokens": u.completion_tokens or 0,
+        "total_tokens": u.total_tokens or 0,
+    }
+
+
+async def _openai_stream(
+    stream: EventStream,
+    provider: Provider,
+    gen: GenerationRequest,
+    cid: str,
+    created: int,
+    model: str,
+    *,
+    include_usage: bool,
+) -> None:
+    async with aclosing(provider.stream(gen)) as deltas:  # type: ignore[type-var]
+        try:
+            first = await _first(deltas)
+        except ProviderError as exc:
+            raise _raise_for(exc) from None
+        if not stream.start():
+            return
+        stream.write(_data(_chunk(cid, created, model, {"role": "assistant", "content": ""})))
+        usage: Usage | None = None
+        finish = "stop"
+        try:
+            delta = first
+            while delta is not None:
+                if delta.text:
+                    stream.write(_data(_chunk(cid, created, model, {"content": delta.text})))
+                    await stream.drain()
+                usage = delta.usage or usage
+                finish = delta.finish_reason or finish
+                delta = await anext(deltas, None)
+        except ProviderError as exc:
+            stream.write(_data(json.loads(error_body(exc.code, exc.message))))
+            stream.write(DONE)
+            return
+        stream.write(_data(_chunk(cid, created, model, {}, finish)))
+        if include_usage:
+            stream.write(
+                _data(
+                    {
+                        "id": cid,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": _usage(usage),
+                    }
+                )
+            )
+        stream.write(DONE)
+
+
+async def _openai_whole(
+    stream: EventStream,
+    provider: Provider,
+    gen: GenerationRequest,
+    cid: str,
+    created: int,
+    model: str,
+) -> None:
+    parts: list[str] = []
+    usage: Usage | None = None
+    finish = "stop"
+    try:
+        async with aclosing(provider.stream(gen)) as deltas:  # type: ignore[type-var]
+            async for delta in deltas:
+                parts.append(delta.text)
+                usage = delta.usage or usage
+                finish = delta.finish_reason or finish
+    except ProviderError as exc:
+        raise _raise_for(exc) from None
+    stream.respond_json(
+        200,
+        {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": finish,
+                    "message": {"role": "assistant", "content": "".join(parts)},
+                }
+            ],
+            "usage": _usage(usage),
+        },
+    )
+
+
+async def _ui_stream(stream: EventStream, provider: Provider, gen: GenerationRequest) -> None:
+    async with aclosing(provider.stream(gen)) as deltas:  # type: ignore[type-var]
+        try:
+            first = await _first(deltas)
+        except ProviderError as exc:
+            raise _raise_for(exc) from None
+        if not stream.start(UI_STREAM_HEADERS):
+            return
+        text_id = "text-" + secrets.token_hex(4)
+        stream.write(_data({"type": "start", "messageId": "msg-" + secrets.token_hex(8)}))
+        stream.write(_data({"type": "start-step"}))
+        stream.write(_data({"type": "text-start", "id": text_id}))
+        finish = "stop"
+        try:
+            delta = first
+            while delta is not None:
+                if delta.text:
+                    stream.write(_data({"type": "text-delta", "id": text_id, "delta": delta.text}))
+                    await stream.drain()
+                finish = delta.finish_reason or finish
+                delta = await anext(deltas, None)
+        except ProviderError as exc:
+            stream.write(_data({"type": "text-end", "id": text_id}))
+            stream.write(_data({"type": "error", "errorText": exc.message}))
+            stream.write(DONE)
+            return
+        stream.write(_data({"type": "text-end", "id": text_id}))
+        stream.write(_data({"type": "finish-step"}))
+        stream.write(_data({"type": "finish", "finishReason": finish}))
+        stream.write(DONE)
