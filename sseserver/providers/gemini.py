@@ -31,7 +31,7 @@ import contextvars
 import email.utils
 import os
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -58,6 +58,10 @@ MAX_CONNECTIONS: int | None = None
 MAX_KEEPALIVE_CONNECTIONS = 100
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
+
+# Advertised to the demo page's model picker.
+GEMINI_MODELS = ("gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-2.5-pro")
+MAX_TEMPERATURE = 2.0  # Gemini's range is [0, 2]
 
 _ROLES = {"user": "user", "assistant": "model", "model": "model"}
 _FINISH_REASONS = {
@@ -109,8 +113,13 @@ class GeminiProvider:
         default_model: str = "gemini-2.5-flash",
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        """``transport`` replaces the network (``httpx.MockTransport`` in unit tests)."""
+        """Create the SDK client and its connection pool, once.
+
+        ``base_url`` defaults to the SDK's (generativelanguage.googleapis.com);
+        ``transport`` replaces the network (``httpx.MockTransport`` in unit tests).
+        """
         self.default_model = default_model
+        self.models: tuple[str, ...] = tuple(dict.fromkeys((default_model, *GEMINI_MODELS)))
         self.timeout_s = timeout_s
         timeout = httpx.Timeout(timeout_s)
         self._http = httpx.AsyncClient(
@@ -141,12 +150,32 @@ class GeminiProvider:
             ),
         )
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    def validate(self, request: GenerationRequest) -> None:
+        """Refuse what the API would refuse, before anything is sent.
+
+        Raises:
+            BadRequest: naming the field.
+        """
+        turns = 0
+        for message in request.messages:
+            if message.role != "system" and message.role not in _ROLES:
+                raise BadRequest(f"gemini has no message role {message.role!r}")
+            turns += message.role != "system"
+        if not turns:
+            raise BadRequest("gemini needs a user message")
+        if request.temperature is not None and not 0 <= request.temperature <= MAX_TEMPERATURE:
+            raise BadRequest(f"temperature must be between 0 and {MAX_TEMPERATURE:g}")
+        if request.max_tokens is not None and request.max_tokens < 1:
+            raise BadRequest("max_tokens must be at least 1")
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         """Text deltas in order, then one ``Delta`` with ``finish_reason`` and ``usage``.
 
         Raises:
+            BadRequest: see ``validate``.
             ProviderError: a subclass telling what failed upstream.
         """
+        self.validate(request)
         contents, config = self._arguments(request)
         opened: list[httpx.Response] = []
         chunks: AsyncIterator[types.GenerateContentResponse] | None = None
@@ -202,9 +231,7 @@ class GeminiProvider:
             if message.role == "system":
                 system.append(message.content)
                 continue
-            role = _ROLES.get(message.role)
-            if role is None:
-                raise BadRequest(f"gemini has no message role {message.role!r}")
+            role = _ROLES[message.role]  # checked by validate()
             contents.append(types.Content(role=role, parts=[types.Part(text=message.content)]))
         config = types.GenerateContentConfig(
             system_instruction="\n\n".join(system) if system else None,

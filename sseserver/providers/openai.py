@@ -25,8 +25,8 @@ from __future__ import annotations
 import email.utils
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any, cast
 
 import httpx
 import openai
@@ -35,6 +35,7 @@ from openai.types.chat import ChatCompletionChunk
 from openai.types.chat.chat_completion_chunk import Choice
 
 from sseserver.providers.base import (
+    BadRequest,
     Delta,
     GenerationRequest,
     ProviderError,
@@ -52,6 +53,12 @@ PLACEHOLDER_API_KEY = "sk-no-key-required"
 MAX_CONNECTIONS: int | None = None
 # Idle connections kept for reuse: enough for bursts, few enough to hold little memory.
 MAX_KEEPALIVE_CONNECTIONS = 100
+
+# Advertised to the demo page when talking to api.openai.com. Behind another base URL
+# (vLLM, Ollama, ...) the model names are the operator's, so only the default is offered.
+OPENAI_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1")
+ROLES = frozenset({"system", "user", "assistant"})
+MAX_TEMPERATURE = 2.0  # the Chat Completions API's range is [0, 2]
 
 # Statuses worth retrying later (the SDK's own retry list): timeout, conflict, overload.
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
@@ -71,8 +78,18 @@ class OpenAIProvider:
         default_model: str = "gpt-4o-mini",
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        """``transport`` replaces the network (``httpx.MockTransport`` in unit tests)."""
+        """Create the SDK client and its connection pool, once.
+
+        ``base_url`` defaults to ``OPENAI_BASE_URL``, then api.openai.com (the SDK's
+        rule); ``transport`` replaces the network (``httpx.MockTransport`` in unit tests).
+        """
         self.default_model = default_model
+        compatible = (base_url or os.environ.get("OPENAI_BASE_URL")) is not None
+        self.models: tuple[str, ...] = (
+            (default_model,)
+            if compatible
+            else tuple(dict.fromkeys((default_model, *OPENAI_MODELS)))
+        )
         self.timeout_s = timeout_s
         self._http = httpx.AsyncClient(
             transport=transport,
@@ -88,15 +105,34 @@ class OpenAIProvider:
             base_url=base_url,
             timeout=timeout_s,
             max_retries=0,
-            http_client=self._http,
+            # openai 3.x annotates httpx2 clients only, but accepts httpx ones (its
+            # is_legacy_httpx_async_client); openai 1.x knows only httpx. httpx is what this
+            # project depends on, so it works with both.
+            http_client=cast(Any, self._http),
         )
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+    def validate(self, request: GenerationRequest) -> None:
+        """Refuse what the API would refuse, before anything is sent.
+
+        Raises:
+            BadRequest: naming the field.
+        """
+        for message in request.messages:
+            if message.role not in ROLES:
+                raise BadRequest(f"openai has no message role {message.role!r}")
+        if request.temperature is not None and not 0 <= request.temperature <= MAX_TEMPERATURE:
+            raise BadRequest(f"temperature must be between 0 and {MAX_TEMPERATURE:g}")
+        if request.max_tokens is not None and request.max_tokens < 1:
+            raise BadRequest("max_tokens must be at least 1")
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         """Text deltas in order, then one ``Delta`` with ``finish_reason`` and ``usage``.
 
         Raises:
+            BadRequest: see ``validate``.
             ProviderError: a subclass telling what failed upstream.
         """
+        self.validate(request)
         upstream: AsyncStream[ChatCompletionChunk] | None = None
         try:
             try:

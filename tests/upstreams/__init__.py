@@ -13,12 +13,13 @@ Usage in-process (shares the test's event loop)::
         ...
         up.open_connections()                           # connections not yet closed
         rec = up.connections[-1]                        # ConnectionRecord
-        await up.wait_closed(rec, timeout=1.0)          # True once the peer closed it
+        await up.wait_closed(rec, within=1.0)           # True once the peer closed it
         rec.closed_at - t_cancel                        # seconds, time.monotonic() clock
 
 As a subprocess: ``python -m tests.upstreams.openai_wire --port 0`` prints one line
 ``LISTENING http://127.0.0.1:PORT`` and serves until SIGTERM/SIGINT. Its records are read
-with ``GET /_fake/stats`` (JSON) and cleared with ``POST /_fake/reset``. Timestamps use
+with ``GET /_fake/stats`` (JSON), cleared with ``POST /_fake/reset``, and the default
+behaviour is replaced with ``POST /_fake/default`` (body ``tokens=20 ...``). Timestamps use
 ``time.monotonic()``, which is what asyncio's ``loop.time()`` returns and is shared by all
 processes of one machine, so a test process can compare them with its own clock.
 
@@ -38,7 +39,8 @@ header, over the server's ``default`` (constructor or ``--default``):
                data is not JSON; ``shape``: one event that is JSON of the wrong shape;
                ``error_event``: one in-stream ``{"error": ...}`` event
 ``after``      deltas written before ``stall``/``drop``/``malformed``/``shape``/``error_event``
-``retry_after``  ``Retry-After`` header value on 429/503 (default ``1`` on 429)
+``retry_after``  ``Retry-After`` header value on an error status (OpenAI: ``1`` on 429
+               when not given; Gemini says it in a ``RetryInfo`` detail, ``1s`` by default)
 =============  ==========================================================================
 """
 
@@ -51,10 +53,10 @@ import itertools
 import json
 import re
 import signal
-import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, ClassVar
 
 import h11
@@ -184,6 +186,13 @@ class RequestRecord:
         }
 
 
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
 class PeerGone(Exception):
     """The client closed the connection while a response was being written."""
 
@@ -204,14 +213,16 @@ class Responder:
         """A complete response with a Content-Length, as non-streaming APIs answer."""
         body = json.dumps(obj).encode()
         head = [("content-type", "application/json"), ("content-length", str(len(body)))]
-        self._conn.send(h11.Response(status_code=status, headers=[*head, *headers]))
+        self._conn.send(
+            h11.Response(status_code=status, headers=[*head, *headers], reason=_reason(status))
+        )
         self._conn.send(h11.Data(data=body))
         self._conn.send(h11.EndOfMessage())
 
     def start_stream(self, headers: Iterable[tuple[str, str]] = ()) -> None:
         """A 200 head without Content-Length: h11 frames the body chunked, as the APIs do."""
         head = [("content-type", "text/event-stream; charset=utf-8")]
-        self._conn.send(h11.Response(status_code=200, headers=[*head, *headers]))
+        self._conn.send(h11.Response(status_code=200, headers=[*head, *headers], reason=b"OK"))
 
     async def send_chunk(self, data: bytes) -> None:
         """One body chunk (one SSE event); waits while the client reads too slowly."""
@@ -234,9 +245,6 @@ class Responder:
         delay = deadline - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-
-
-Handler = Callable[[RequestRecord, Responder], Awaitable[None]]
 
 
 class _Connection(asyncio.Protocol):
@@ -444,6 +452,9 @@ class FakeUpstream:
             conn.abort()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        # abort() reports connection_lost on a later loop iteration; wait for it (bounded)
+        # so the records say closed once this returns.
+        await self.wait_until(lambda: not self._live, within=1.0)
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
@@ -477,13 +488,14 @@ class FakeUpstream:
         self.connections = [c for c in self.connections if c.is_open]
         self.requests.clear()
 
-    async def wait_closed(self, record: ConnectionRecord, timeout: float) -> bool:
-        """Wait until ``record`` is closed; False if it is still open after ``timeout``."""
-        return await self.wait_until(lambda: not record.is_open, timeout)
+    async def wait_closed(self, record: ConnectionRecord, within: float) -> bool:
+        """Wait until ``record`` is closed; False if still open after ``within`` seconds."""
+        return await self.wait_until(lambda: not record.is_open, within)
 
-    async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        """Wait (bounded) until ``predicate()`` holds, re-checking on every event."""
-        deadline = time.monotonic() + timeout
+    async def wait_until(self, predicate: Callable[[], bool], within: float) -> bool:
+        """Wait at most ``within`` seconds until ``predicate()`` holds, re-checking on
+        every connection or request event (and every 50 ms)."""
+        deadline = time.monotonic() + within
         while not predicate():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -495,8 +507,8 @@ class FakeUpstream:
                 pass
         return True
 
-    async def wait_for_requests(self, n: int, timeout: float) -> bool:
-        return await self.wait_until(lambda: len(self.requests) >= n, timeout)
+    async def wait_for_requests(self, n: int, within: float) -> bool:
+        return await self.wait_until(lambda: len(self.requests) >= n, within)
 
     def stats(self) -> dict[str, Any]:
         return {

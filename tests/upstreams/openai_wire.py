@@ -44,8 +44,11 @@ _ERRORS: dict[int, tuple[str, str, str | None]] = {
         "invalid_request_error",
         "invalid_api_key",
     ),
-    404: ("The model does not exist or you do not have access to it.", "invalid_request_error",
-          "model_not_found"),
+    404: (
+        "The model does not exist or you do not have access to it.",
+        "invalid_request_error",
+        "model_not_found",
+    ),
     429: (
         "Rate limit reached for gpt-4o-mini on requests per min (RPM): Limit 3, Used 3, "
         "Requested 1. Please try again in 20s.",

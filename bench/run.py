@@ -1,0 +1,1285 @@
+"""Benchmarks side by side: sseserver and its peers, one scenario and one server at a time.
+
+    python -m bench.run --quick                       # a few minutes, every server
+    python -m bench.run --full                        # longer: bigger counts, finer ramps
+    python -m bench.run --quick --only idle,tokens --servers sseserver
+    python -m bench.run --quick --only fanout --servers sseserver --profile
+
+For each scenario and server: start the server pinned to core 0 (``taskset -c 0``) with
+RLIMIT_NOFILE raised to its hard limit, warm it up, run ``bench.loadgen`` pinned to core 1,
+stop the server by its PID. Progress goes to stderr; ONE JSON line per result goes to
+stdout and is appended to bench/results/results.jsonl. At the end bench/results/RESULTS.md
+(scenarios as rows, servers as columns, ratio to sseserver) and PNG charts are rewritten
+from the newest result of each (scenario, variant, server) of this mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+PEERS = BENCH / "peers"
+RESULTS = BENCH / "results"
+PY = sys.executable
+NODE = shutil.which("node") or "/usr/bin/node"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
+SERVER_CORE = "0"
+LOADGEN_CORE = "1"
+LATENESS_BOUND_MS = 50.0
+NICE: list[str] = []  # ["nice", "-n", "-5"] with --nice -5: favour the measured processes
+
+ALL_SCENARIOS = ("idle", "tokens", "fanout", "ttft", "proxy", "cancel")
+DEFAULT_SCENARIOS = ("idle", "tokens", "fanout", "ttft")
+ALL_SERVERS = ("sseserver", "uvicorn", "aiohttp", "node", "nchan")
+
+
+# -- settings ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Settings:
+    mode: str
+    idle_streams: list[int]
+    token_steps: list[int]
+    token_count: int
+    token_bisect: int
+    fanout_subscribers: list[int]
+    fanout_duration_s: float
+    fanout_publishers: list[int]
+    ttft_requests: int
+    settle_s: float = 2.0
+
+
+QUICK = Settings(
+    mode="quick",
+    idle_streams=[10_000],
+    token_steps=[250, 500, 1000, 2000, 4000, 8000],
+    token_count=200,  # 4 s at 50 tokens/s: 3 s of steady state after a 1 s opening ramp
+    token_bisect=1,  # one step between the last count held and the first that failed
+    fanout_subscribers=[1000],
+    fanout_duration_s=4.0,
+    fanout_publishers=[1, 4],
+    ttft_requests=300,
+)
+FULL = Settings(
+    mode="full",
+    idle_streams=[10_000, 50_000],
+    token_steps=[250, 500, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 12000, 16000],
+    token_count=500,  # 10 s at 50 tokens/s: 9 s of steady state after the opening ramp
+    token_bisect=2,
+    fanout_subscribers=[1000, 10_000],
+    fanout_duration_s=10.0,
+    fanout_publishers=[1, 4],
+    ttft_requests=2000,
+)
+
+
+# -- servers -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ServerSpec:
+    name: str
+    flavor: str  # how the load generator addresses it (see loadgen.FLAVORS)
+    scenarios: tuple[str, ...]
+    argv: Callable[[int, Path], list[str]]
+    available: Callable[[], str | None] = lambda: None  # None, or why it cannot run
+    version: Callable[[], str] = lambda: ""
+
+
+def _pkg_version(name: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        return "?"
+
+
+def _nchan_argv(port: int, tmp: Path) -> list[str]:
+    conf = (PEERS / "nchan.conf").read_text().replace("127.0.0.1:8089", f"127.0.0.1:{port}")
+    (tmp / "nchan.conf").write_text(conf)
+    return [NGINX, "-p", f"{tmp}/", "-e", "stderr", "-c", str(tmp / "nchan.conf")]
+
+
+def _command_version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else "?"
+
+
+def _python_peer(module: str, *packages: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        missing = [p for p in packages if _pkg_version(p) == "?"]
+        return f"missing Python packages: {', '.join(missing)}" if missing else None
+
+    return check
+
+
+SERVERS: dict[str, ServerSpec] = {
+    "sseserver": ServerSpec(
+        "sseserver",
+        "sseserver",
+        ALL_SCENARIOS,
+        lambda port, tmp: [
+            PY,
+            "-m",
+            "bench.serve_sseserver",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--shutdown-grace-s",
+            "1",
+        ],
+        version=lambda: _pkg_version("sseserver"),
+    ),
+    "uvicorn": ServerSpec(
+        "uvicorn",
+        "peer",
+        DEFAULT_SCENARIOS,
+        lambda port, tmp: [PY, str(PEERS / "uvicorn_sse.py"), "--port", str(port)],
+        available=_python_peer("uvicorn", "uvicorn", "sse-starlette", "httptools", "uvloop"),
+        version=lambda: (
+            f"uvicorn {_pkg_version('uvicorn')}, sse-starlette {_pkg_version('sse-starlette')}"
+        ),
+    ),
+    "aiohttp": ServerSpec(
+        "aiohttp",
+        "peer",
+        DEFAULT_SCENARIOS,
+        lambda port, tmp: [PY, str(PEERS / "aiohttp_sse.py"), "--port", str(port)],
+        available=_python_peer("aiohttp", "aiohttp", "uvloop"),
+        version=lambda: f"aiohttp {_pkg_version('aiohttp')}",
+    ),
+    "node": ServerSpec(
+        "node",
+        "peer",
+        DEFAULT_SCENARIOS,
+        lambda port, tmp: [NODE, str(PEERS / "node_sse.js"), "--port", str(port)],
+        available=lambda: None if Path(NODE).exists() else "node not installed",
+        version=lambda: f"node {_command_version([NODE, '--version'])}",
+    ),
+    "nchan": ServerSpec(
+        "nchan",
+        "nchan",
+        ("idle", "fanout"),
+        _nchan_argv,
+        available=lambda: (
+            None
+            if Path(NGINX).exists() and NCHAN_MODULE.exists()
+            else "nginx or its nchan module not installed"
+        ),
+        version=lambda: _command_version([NGINX, "-v"]) + " + nchan",
+    ),
+}
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(
+    port: int, target: str, timeout: float = 5.0, accept: str = "*/*"
+) -> tuple[int, bytes]:
+    """A blocking HTTP/1.1 GET that reads until the server closes (Connection: close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(
+            f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {accept}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    try:
+        return int(data[9:12]), data
+    except ValueError:
+        return 0, data
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False
+
+
+class Server:
+    """A server process pinned to the server core; stopped by PID."""
+
+    def __init__(
+        self,
+        spec: ServerSpec,
+        say: Callable[[str], None],
+        extra_args: list[str] | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.port = free_port()
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"bench-{spec.name}-"))
+        self.log_path = self.tmp / "server.log"
+        self.say = say
+        argv = [*NICE, "taskset", "-c", SERVER_CORE, *spec.argv(self.port, self.tmp)]
+        argv += extra_args or []
+        env = dict(os.environ)
+        env.update(extra_env or {})
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            preexec_fn=_raise_nofile,
+        )
+        self.pid = self.proc.pid  # taskset execs the server: same PID
+        self.measure_pid = self.pid
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.spec.name} exited: {self.log_tail()}")
+            try:
+                status, _ = http_get(self.port, "/healthz", timeout=1.0)
+            except OSError:
+                status = 0
+            if status == 200:
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"{self.spec.name} not ready in {timeout_s}s: {self.log_tail()}")
+        if self.spec.flavor == "nchan":
+            kids = children(self.pid)
+            if kids:
+                self.measure_pid = kids[0]  # the one worker process serves every connection
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """A few requests so lazy imports and first-use allocations happen before we
+        measure the server at rest."""
+        for _ in range(5):
+            http_get(self.port, "/healthz")
+        if self.spec.flavor != "nchan":
+            for _ in range(3):
+                http_get(self.port, "/v1/stream?tokens=3&interval_ms=0", accept="text/event-stream")
+        time.sleep(0.3)
+
+    def log_tail(self, n: int = 1500) -> str:
+        try:
+            return self.log_path.read_bytes()[-n:].decode(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        pids = [self.pid, *children(self.pid)]
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(8)
+            except subprocess.TimeoutExpired:
+                self.say(f"{self.spec.name} did not stop in 8 s after SIGTERM: SIGKILL")
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        for pid in pids[1:]:  # nginx workers exit with their master; make sure
+            if pid_alive(pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        self._log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class Upstream:
+    """The fake OpenAI upstream of the tests (tests/upstreams/openai_wire.py) in its own
+    process, pinned to the load generator's core (the proxy loads are sequential)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [
+                *NICE,
+                *("taskset", "-c", LOADGEN_CORE, PY, "-m", "tests.upstreams.openai_wire"),
+                *("--port", str(self.port)),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_raise_nofile,
+        )
+        self.pid = self.proc.pid
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("LISTENING"):
+            self.stop()
+            raise RuntimeError(f"fake OpenAI upstream did not start: {line.strip()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+OPENAI_Q = "/v1/stream?provider=openai&model=gpt-4o-mini&q=hi%20%5Bfake%20{}%5D"
+OPENAI_BODY = (
+    '{"model":"gpt-4o-mini","stream":true,'
+    '"messages":[{"role":"user","content":"hi [fake tokens=1]"}]}'
+)
+
+NOISE_LIMIT = 0.2  # busy share of a core taken by other programs that makes a run suspect
+RETRIES = 2  # extra runs of a measurement that was noisy
+
+
+def noise(cpu: dict[str, Any] | None) -> float:
+    """How much other programs took of our cores in a window (0: none). Core 0's share
+    beyond the server includes softirq work for its own traffic, hence the allowance."""
+    if not cpu:
+        return 0.0
+    return max(cpu.get("core1_other", 0.0), cpu.get("core0_other", 0.0) - 0.15)
+
+
+def _main_cpu(r: dict[str, Any]) -> dict[str, Any] | None:
+    cpu = r.get("cpu_steady") or r.get("cpu") or r.get("cpu_open") or r.get("cpu_fresh")
+    return cpu if isinstance(cpu, dict) else None
+
+
+# -- running one load ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Bench:
+    settings: Settings
+    run_id: str
+    profile: bool = False
+    records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def say(self, msg: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def server(
+        self, name: str, extra_args: list[str] | None = None, env: dict[str, str] | None = None
+    ) -> Iterator[Server]:
+        srv = Server(SERVERS[name], self.say, extra_args, env)
+        try:
+            yield srv
+        finally:
+            srv.stop()
+
+    def loadgen(
+        self,
+        srv: Server,
+        scenario: str,
+        args: list[Any],
+        timeout_s: float,
+        profile_as: str = "",
+        port: int = 0,
+        pid: int = 0,
+    ) -> dict[str, Any]:
+        argv = [
+            *NICE,
+            "taskset",
+            "-c",
+            LOADGEN_CORE,
+            PY,
+            "-m",
+            "bench.loadgen",
+            scenario,
+            "--port",
+            str(port or srv.port),
+            "--flavor",
+            srv.spec.flavor,
+            "--server-pid",
+            str(pid or srv.measure_pid),
+            "--label",
+            f"{srv.spec.name} {scenario}",
+            *[str(a) for a in args],
+        ]
+        spy = self._start_profile(srv) if profile_as else None
+        try:
+            out = subprocess.run(
+                argv,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                timeout=timeout_s,
+                preexec_fn=_raise_nofile,
+                check=False,
+            )
+        finally:
+            if spy is not None:
+                self._stop_profile(spy, profile_as)
+        lines = [ln for ln in out.stdout.decode().splitlines() if ln.startswith("{")]
+        if out.returncode != 0 or not lines:
+            raise RuntimeError(f"loadgen {scenario} failed (exit {out.returncode})")
+        if srv.proc.poll() is not None:
+            raise RuntimeError(f"{srv.spec.name} died during {scenario}: {srv.log_tail()}")
+        result: dict[str, Any] = json.loads(lines[-1])
+        return result
+
+    def measure(
+        self,
+        what: str,
+        attempt: Callable[[], dict[str, Any]],
+        good: Callable[[dict[str, Any]], bool],
+    ) -> dict[str, Any]:
+        """Run ``attempt``; while its result is not ``good`` and the window was noisy
+        (other programs busy on our cores), run it again, up to RETRIES times. Returns the
+        first good result, else the least noisy one; records how many runs it took."""
+        results: list[dict[str, Any]] = []
+        # py-spy runs on the generator's core: it would read as noise; profile once.
+        for i in range(1 if self.profile else RETRIES + 1):
+            r = attempt()
+            r["noise"] = round(noise(_main_cpu(r)), 3)
+            results.append(r)
+            if good(r) or r["noise"] <= NOISE_LIMIT:
+                break
+            if i < RETRIES and not self.profile:
+                self.say(
+                    f"{what}: other programs took {r['noise']:.0%} of a core during the "
+                    "window; measuring again"
+                )
+                time.sleep(3)
+        best = next((r for r in results if good(r)), None) or min(results, key=lambda r: r["noise"])
+        best["attempts"] = len(results)
+        return best
+
+    # -- profiling (py-spy) --------------------------------------------------------------
+
+    def _start_profile(self, srv: Server) -> tuple[subprocess.Popen[bytes], Path] | None:
+        spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+        if not Path(spy).exists() or srv.spec.name != "sseserver":
+            return None
+        raw = srv.tmp / "profile.raw"
+        proc = subprocess.Popen(
+            [
+                *("taskset", "-c", LOADGEN_CORE, spy, "record", "-p", str(srv.pid)),
+                *("-r", "200", "--native", "-f", "raw", "-o", str(raw)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        return proc, raw
+
+    def _stop_profile(self, spy: tuple[subprocess.Popen[bytes], Path], name: str) -> None:
+        proc, raw = spy
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if raw.exists():
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            (RESULTS / f"profile_{name}.txt").write_text(summarize_profile(raw.read_text()))
+            self.say(f"profile written to bench/results/profile_{name}.txt")
+
+    # -- records ---------------------------------------------------------------------------
+
+    def record(
+        self,
+        scenario: str,
+        variant: str,
+        server: str,
+        metrics: dict[str, Any] | None,
+        error: str | None = None,
+        skipped: str | None = None,
+    ) -> None:
+        rec = {
+            "ts": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "run": self.run_id,
+            "mode": self.settings.mode,
+            "scenario": scenario,
+            "variant": variant,
+            "server": server,
+            "ok": error is None and skipped is None,
+            "error": error,
+            "skipped": skipped,
+            "profiled": self.profile and server == "sseserver",
+            "metrics": metrics or {},
+        }
+        self.records.append(rec)
+        line = json.dumps(rec)
+        print(line, flush=True)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        with open(RESULTS / "results.jsonl", "a") as f:
+            f.write(line + "\n")
+
+    # -- scenarios -------------------------------------------------------------------------
+
+    def idle(self, name: str) -> None:
+        for n in self.settings.idle_streams:
+            variant = f"{n // 1000}k"
+            self.say(f"{name} idle {variant}: opening {n} streams")
+
+            def attempt(n: int = n, variant: str = variant) -> dict[str, Any]:
+                with self.server(name) as srv:
+                    return self.loadgen(
+                        srv,
+                        "idle",
+                        ["--streams", n, "--settle-s", self.settings.settle_s, "--max-s", 180],
+                        timeout_s=400,
+                        profile_as=f"idle_{variant}" if self.profile else "",
+                    )
+
+            r = self.measure(f"{name} idle {variant}", attempt, lambda r: False)
+            self.say(
+                f"{name} idle {variant}: {r['held']} held, {r['rss_per_stream_kb']:.2f} KB/stream, "
+                f"{r['opened_per_s']:.0f} opened/s, {r['failures']} failures"
+            )
+            self.record("idle", variant, name, r)
+
+    def tokens(self, name: str) -> None:
+        s = self.settings
+        steps: list[dict[str, Any]] = []
+        held = 0
+        failed_at = 0
+
+        def step(n: int) -> bool:
+            self.say(f"{name} tokens: {n} streams x {s.token_count} tokens at 50/s")
+
+            def attempt() -> dict[str, Any]:
+                with self.server(name) as srv:
+                    return self.loadgen(
+                        srv,
+                        "tokens",
+                        ["--streams", n, "--tokens", s.token_count, "--interval-ms", 20],
+                        timeout_s=120 + s.token_count * 0.02 + n / 100,
+                        profile_as=f"tokens_{n}" if self.profile else "",
+                    )
+
+            def good(r: dict[str, Any]) -> bool:
+                p99 = r["steady_lateness_ms"].get("p99", float("inf"))
+                return bool(r["failures"] == 0 and r["lost"] == 0 and p99 <= LATENESS_BOUND_MS)
+
+            r = self.measure(f"{name} tokens x{n}", attempt, good)
+            p99 = r["steady_lateness_ms"].get("p99", float("inf"))
+            ok = good(r)
+            r["held"] = ok
+            steps.append(r)
+            self.say(
+                f"{name} tokens x{n}: {'held' if ok else 'FAILED'} — steady p99 {p99} ms "
+                f"(all tokens incl. opening: {r['lateness_ms'].get('p99')} ms), "
+                f"lost {r['lost']}, failures {r['failures']}, "
+                f"server {r['cpu'].get('server_util', 0):.0%} cpu, "
+                f"generator {r['cpu']['gen_util']:.0%} cpu"
+            )
+            return ok
+
+        for n in s.token_steps:
+            if step(n):
+                held = n
+            else:
+                failed_at = n
+                break
+        for _ in range(s.token_bisect):
+            if not failed_at or failed_at - held <= 100:
+                break
+            mid = (held + failed_at) // 2 // 50 * 50
+            if step(mid):
+                held = mid
+            else:
+                failed_at = mid
+        at_held = next((r for r in steps if r["streams"] == held and r["held"]), None)
+        at_fail = next((r for r in steps if r["streams"] == failed_at), None)
+        metrics = {
+            "max_streams_held": held,
+            "failed_at": failed_at or None,
+            "p99_ms_at_held": at_held["steady_lateness_ms"].get("p99") if at_held else None,
+            "p99_ms_at_held_incl_opening": at_held["lateness_ms"].get("p99") if at_held else None,
+            "events_per_s_at_held": at_held["steady_events_per_s"] if at_held else None,
+            "server_util_at_held": at_held["cpu"].get("server_util") if at_held else None,
+            "gen_util_at_held": at_held["cpu"]["gen_util"] if at_held else None,
+            "gen_util_at_fail": _main_cpu(at_fail)["gen_util"] if at_fail else None,  # type: ignore[index]
+            "server_util_at_fail": _main_cpu(at_fail).get("server_util") if at_fail else None,  # type: ignore[union-attr]
+            "bound": LATENESS_BOUND_MS,
+            "tokens_per_stream": s.token_count,
+            "steps": steps,
+        }
+        self.record("tokens", "50/s", name, metrics)
+
+    def fanout(self, name: str) -> None:
+        s = self.settings
+        for n in s.fanout_subscribers:
+            for pubs in s.fanout_publishers:
+                variant = f"{n // 1000}k x{pubs}pub"
+                self.say(f"{name} fanout {variant}")
+
+                def attempt(n: int = n, pubs: int = pubs) -> dict[str, Any]:
+                    with self.server(name) as srv:
+                        return self.loadgen(
+                            srv,
+                            "fanout",
+                            [
+                                *("--subscribers", n, "--publishers", pubs),
+                                *("--duration-s", s.fanout_duration_s),
+                            ],
+                            timeout_s=240 + s.fanout_duration_s,
+                            profile_as=f"fanout_{n // 1000}k_{pubs}pub" if self.profile else "",
+                        )
+
+                r = self.measure(f"{name} fanout {variant}", attempt, lambda r: False)
+                self.say(
+                    f"{name} fanout {variant}: {r['deliveries_per_s']:.0f} deliveries/s, "
+                    f"p99 {r['latency_ms'].get('p99')} ms, "
+                    f"{r['server_cpu_us_per_delivery']} us/delivery, "
+                    f"server {r['cpu'].get('server_util', 0):.0%} / "
+                    f"generator {r['cpu']['gen_util']:.0%} cpu"
+                )
+                self.record("fanout", variant, name, r)
+
+    def ttft(self, name: str) -> None:
+        self.say(f"{name} ttft: {self.settings.ttft_requests} fresh + keep-alive requests")
+
+        def attempt() -> dict[str, Any]:
+            with self.server(name) as srv:
+                return self.loadgen(
+                    srv,
+                    "ttft",
+                    ["--requests", self.settings.ttft_requests],
+                    timeout_s=300,
+                    profile_as="ttft" if self.profile else "",
+                )
+
+        r = self.measure(f"{name} ttft", attempt, lambda r: False)
+        self.say(
+            f"{name} ttft: fresh p50 {r['fresh_ms'].get('p50')} ms / p99 "
+            f"{r['fresh_ms'].get('p99')} ms, keep-alive p50 {r['keepalive_ms'].get('p50')} ms"
+            f" / p99 {r['keepalive_ms'].get('p99')} ms"
+        )
+        self.record("ttft", "tokens=1", name, r)
+
+    @contextlib.contextmanager
+    def proxied(self, name: str) -> Iterator[tuple[Server, Upstream]]:
+        up = Upstream()
+        try:
+            with self.server(
+                name,
+                ["--openai-base-url", f"http://127.0.0.1:{up.port}/v1"],
+                {"OPENAI_API_KEY": "sk-fake"},
+            ) as srv:
+                for _ in range(3):  # the SDK's client and connection pool warm up
+                    http_get(srv.port, OPENAI_Q.format("tokens%3D2"), accept="text/event-stream")
+                yield srv, up
+        finally:
+            up.stop()
+
+    def proxy(self, name: str) -> None:
+        """TTFT through the OpenAI provider against the fast local fake upstream, next to
+        the upstream's own TTFT measured directly: the difference is what sseserver adds."""
+        why = _proxy_prerequisites()
+        if why:
+            self.record("proxy", "openai ttft", name, None, skipped=why)
+            return
+        n = max(50, self.settings.ttft_requests // 3)
+        self.say(f"{name} proxy: {n} requests via the OpenAI provider and {n} direct")
+
+        def attempt() -> dict[str, Any]:
+            with self.proxied(name) as (srv, up):
+                via = self.loadgen(
+                    srv,
+                    "ttft",
+                    ["--requests", n, "--target", OPENAI_Q.format("tokens%3D1")],
+                    timeout_s=300,
+                    profile_as="proxy" if self.profile else "",
+                )
+                direct = self.loadgen(
+                    srv,
+                    "ttft",
+                    [
+                        *("--requests", n, "--target", "/v1/chat/completions"),
+                        *("--body", OPENAI_BODY, "--marker", '"content":"tok'),
+                    ],
+                    timeout_s=300,
+                    port=up.port,
+                    pid=up.pid,
+                )
+            out: dict[str, Any] = {"via": via, "direct": direct, "cpu": via.get("cpu_keepalive")}
+            for kind in ("fresh_ms", "keepalive_ms"):
+                for p in ("p50", "p99"):
+                    v, d = via[kind].get(p), direct[kind].get(p)
+                    if v is not None and d is not None:
+                        out[f"added_{kind[:-3]}_{p}_ms"] = round(v - d, 3)
+            return out
+
+        r = self.measure(f"{name} proxy", attempt, lambda r: False)
+        self.say(
+            f"{name} proxy: keep-alive TTFT p50 {r['via']['keepalive_ms'].get('p50')} ms via "
+            f"sseserver vs {r['direct']['keepalive_ms'].get('p50')} ms direct "
+            f"(added p50 {r.get('added_keepalive_p50_ms')} ms, "
+            f"p99 {r.get('added_keepalive_p99_ms')} ms)"
+        )
+        self.record("proxy", "openai ttft", name, r)
+
+    def cancel(self, name: str) -> None:
+        """Client disconnect -> upstream connection closed, measured by the fake upstream
+        at its socket (SPEC §7: within 100 ms)."""
+        why = _proxy_prerequisites()
+        if why:
+            self.record("cancel", "openai", name, None, skipped=why)
+            return
+        n = max(30, self.settings.ttft_requests // 6)
+        self.say(f"{name} cancel: {n} streams disconnected after their first token")
+
+        def attempt() -> dict[str, Any]:
+            with self.proxied(name) as (srv, up):
+                return self.loadgen(
+                    srv,
+                    "cancel",
+                    [
+                        *("--requests", n, "--upstream-port", up.port),
+                        *("--target", OPENAI_Q.format("tokens%3D100000%20interval_ms%3D20")),
+                    ],
+                    timeout_s=300,
+                )
+
+        r = self.measure(f"{name} cancel", attempt, lambda r: False)
+        self.say(
+            f"{name} cancel: upstream closed p50 {r['cancel_ms'].get('p50')} ms, "
+            f"p99 {r['cancel_ms'].get('p99')} ms after the client left; "
+            f"{r['over_100ms']} over 100 ms, {r['not_closed_within_s']['count']} not closed"
+        )
+        self.record("cancel", "openai", name, r)
+
+
+def _proxy_prerequisites() -> str | None:
+    """None when the proxy scenarios can run, else why not."""
+    if not (ROOT / "tests" / "upstreams" / "openai_wire.py").exists():
+        return "needs tests/upstreams/openai_wire.py (the fake OpenAI upstream)"
+    if _pkg_version("openai") == "?":
+        return "needs the openai package"
+    return None
+
+
+# -- profiles --------------------------------------------------------------------------------
+
+
+def summarize_profile(raw: str, top: int = 25) -> str:
+    """Self and inclusive sample shares from py-spy's raw (collapsed stacks) output."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rstrip().rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+    if not total:
+        return "no samples\n"
+    cats: dict[str, int] = {}
+    for f, n in own.items():
+        cat = _category(f)
+        cats[cat] = cats.get(cat, 0) + n
+    out = [f"samples: {total}", "", "self time by kind:"]
+    for c, n in sorted(cats.items(), key=lambda kv: -kv[1]):
+        out.append(f"  {100 * n / total:5.1f}%  {c}")
+    out += ["", "self time (top frames):"]
+    for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        out.append(f"  {100 * n / total:5.1f}%  {f}")
+    out += ["", "inclusive time, sseserver frames:"]
+    ours = [(f, n) for f, n in incl.items() if "sseserver/" in f]
+    for f, n in sorted(ours, key=lambda kv: -kv[1])[:top]:
+        out.append(f"  {100 * n / total:5.1f}%  {f}")
+    return "\n".join(out) + "\n"
+
+
+SYSCALLS = ("write", "read", "send", "recv", "epoll", "accept", "close", "getsock", "setsock")
+
+
+def _category(frame: str) -> str:
+    if "gc_collect" in frame:
+        return "cyclic garbage collector"
+    if "(libc" in frame:
+        name = frame.split(" ", 1)[0]
+        return "system calls (libc)" if name.startswith(SYSCALLS) or name == "syscall" else "libc"
+    if "sseserver/" in frame:
+        return "sseserver code"
+    if "h11/" in frame:
+        return "h11"
+    if "json/" in frame or "_json" in frame:
+        return "json"
+    if "asyncio/" in frame or "uvloop" in frame or "Runner.run" in frame:
+        return "event loop (asyncio/uvloop)"
+    if ".py:" in frame or "<frozen" in frame or "<string>" in frame:
+        return "other Python code (stdlib, prometheus_client, ...)"
+    return "interpreter and other native code"
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def _get(d: dict[str, Any], path: str) -> Any:
+    for key in path.split("."):
+        if not isinstance(d, dict):
+            return None
+        d = d.get(key)  # type: ignore[assignment]
+    return d
+
+
+# (scenario, label, metric path, better: "low"/"high"/"", format)
+METRICS: list[tuple[str, str, str, str, str]] = [
+    ("idle", "streams held", "held", "high", "{:,.0f}"),
+    ("idle", "RSS per open stream, KB", "rss_per_stream_kb", "low", "{:.2f}"),
+    ("idle", "streams per GiB of RSS", "streams_per_gib", "high", "{:,.0f}"),
+    ("idle", "streams opened per s", "opened_per_s", "high", "{:,.0f}"),
+    ("idle", "failures", "failures", "low", "{:,.0f}"),
+    ("tokens", "max concurrent streams, p99 lateness ≤ 50 ms", "max_streams_held", "high", "{:,}"),
+    ("tokens", "p99 lateness at that count, ms", "p99_ms_at_held", "", "{:.1f}"),
+    ("tokens", "first failing count", "failed_at", "", "{:,}"),
+    ("tokens", "generator CPU at failing count", "gen_util_at_fail", "", "{:.0%}"),
+    ("fanout", "deliveries per s", "deliveries_per_s", "high", "{:,.0f}"),
+    ("fanout", "publishes per s", "publishes_per_s", "high", "{:,.0f}"),
+    ("fanout", "delivery latency p50, ms", "latency_ms.p50", "low", "{:.1f}"),
+    ("fanout", "delivery latency p99, ms", "latency_ms.p99", "low", "{:.1f}"),
+    ("fanout", "server CPU µs per delivery", "server_cpu_us_per_delivery", "low", "{:.2f}"),
+    ("fanout", "server / generator CPU", "cpu", "", "util"),
+    ("fanout", "lost events / dropped subscribers", "lost", "", "lost"),
+    ("ttft", "fresh connection p50, ms", "fresh_ms.p50", "low", "{:.3f}"),
+    ("ttft", "fresh connection p99, ms", "fresh_ms.p99", "low", "{:.3f}"),
+    ("ttft", "keep-alive p50, ms", "keepalive_ms.p50", "low", "{:.3f}"),
+    ("ttft", "keep-alive p99, ms", "keepalive_ms.p99", "low", "{:.3f}"),
+    ("proxy", "TTFT via server, keep-alive p50, ms", "via.keepalive_ms.p50", "low", "{:.3f}"),
+    ("proxy", "upstream alone, keep-alive p50, ms", "direct.keepalive_ms.p50", "", "{:.3f}"),
+    ("proxy", "added TTFT keep-alive p50, ms", "added_keepalive_p50_ms", "low", "{:.3f}"),
+    ("proxy", "added TTFT keep-alive p99, ms", "added_keepalive_p99_ms", "low", "{:.3f}"),
+    ("proxy", "added TTFT fresh connection p50, ms", "added_fresh_p50_ms", "low", "{:.3f}"),
+    ("cancel", "disconnect → upstream closed p50, ms", "cancel_ms.p50", "low", "{:.1f}"),
+    ("cancel", "disconnect → upstream closed p99, ms", "cancel_ms.p99", "low", "{:.1f}"),
+    ("cancel", "over 100 ms / not closed in 2 s", "over_100ms", "", "{:,}"),
+]
+
+
+def latest_records(mode: str) -> list[dict[str, Any]]:
+    """The newest record of each (scenario, variant, server) of ``mode`` (profiled runs
+    left out: sampling slows the server)."""
+    path = RESULTS / "results.jsonl"
+    newest: dict[tuple[str, str, str], dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("mode") == mode and not rec.get("profiled"):
+                newest[(rec["scenario"], rec["variant"], rec["server"])] = rec
+    return list(newest.values())
+
+
+def _cell(metrics: dict[str, Any], path: str, fmt: str) -> tuple[str, float | None]:
+    if fmt == "util":
+        cpu = metrics.get("cpu") or {}
+        if "server_util" not in cpu:
+            return "—", None
+        return f"{cpu['server_util']:.0%} / {cpu['gen_util']:.0%}", None
+    if fmt == "lost":
+        if "lost" not in metrics:
+            return "—", None
+        return f"{metrics['lost']:,} / {metrics.get('dropped_subscribers', 0):,}", None
+    value = _get(metrics, path)
+    if value is None:
+        return "—", None
+    return fmt.format(value), float(value)
+
+
+def write_report(records: list[dict[str, Any]], settings: Settings) -> Path:
+    servers = [s for s in ALL_SERVERS if any(r["server"] == s for r in records)]
+    by_key = {(r["scenario"], r["variant"], r["server"]): r for r in records}
+    groups: list[tuple[str, str]] = []
+    for r in sorted(
+        records, key=lambda r: (ALL_SCENARIOS.index(r["scenario"]), _variant_order(r["variant"]))
+    ):
+        if (r["scenario"], r["variant"]) not in groups:
+            groups.append((r["scenario"], r["variant"]))
+    lines = [
+        "# sseserver benchmarks, side by side",
+        "",
+        f"Mode `{settings.mode}`, written {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by "
+        f"`python -m bench.run --{settings.mode}` (newest result of each cell from "
+        "`results.jsonl`).",
+        "",
+        f"Machine: {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
+        f"Linux {platform.release()}, Python {platform.python_version()}; server pinned to "
+        f"core {SERVER_CORE}, load generator to core {LOADGEN_CORE}; loopback only; a shared, "
+        "noisy machine (per-core busy time is in each JSON record as `cpu0_busy`/`cpu1_busy`).",
+        "",
+        "Each cell: the value, then its ratio to sseserver's (x). For rows marked ↓ lower "
+        "is better, ↑ higher is better. `—`: not measured (nchan has no /v1/stream).",
+        "",
+    ]
+    header = "| scenario | metric | " + " | ".join(servers) + " |"
+    lines += [header, "|" + "---|" * (len(servers) + 2)]
+    for scenario, variant in groups:
+        for scen, label, path, better, fmt in METRICS:
+            if scen != scenario:
+                continue
+            base_rec = by_key.get((scenario, variant, "sseserver"))
+            base = _cell(base_rec["metrics"], path, fmt)[1] if base_rec else None
+            cells = []
+            for server in servers:
+                rec = by_key.get((scenario, variant, server))
+                if rec is None or not rec["ok"]:
+                    reason = (rec or {}).get("error") or (rec or {}).get("skipped")
+                    cells.append("error" if reason and rec and rec.get("error") else "—")
+                    continue
+                text, value = _cell(rec["metrics"], path, fmt)
+                if better and server != "sseserver" and value is not None and base not in (None, 0):
+                    text += f" (x{value / base:.2f})"
+                cells.append(text)
+            arrow = {"low": " ↓", "high": " ↑"}.get(better, "")
+            lines.append(f"| {scenario} {variant} | {label}{arrow} | " + " | ".join(cells) + " |")
+    skipped = [r for r in records if r.get("skipped")]
+    errors = [r for r in records if r.get("error")]
+    if skipped or errors:
+        lines += ["", "Not measured:", ""]
+        for r in skipped:
+            lines.append(f"- {r['scenario']} ({r['server']}): {r['skipped']}")
+        for r in errors:
+            lines.append(f"- {r['scenario']} {r['variant']} ({r['server']}): error: {r['error']}")
+    lines += ["", "## Is the load generator the bottleneck?", ""]
+    lines.append(
+        "CPU share of its core over each measured window: server (core 0) and generator "
+        "(core 1). A generator near 100% means that row measures the generator, not the "
+        "server. `noise`: share of a core other programs took in that window (runs with more "
+        f"than {NOISE_LIMIT:.0%} are measured again, up to {RETRIES} times, keeping the "
+        "least noisy)."
+    )
+    lines += ["", "| scenario | " + " | ".join(servers) + " |", "|" + "---|" * (len(servers) + 1)]
+    for scenario, variant in groups:
+        if scenario == "tokens":
+            continue
+        cells = []
+        for server in servers:
+            rec = by_key.get((scenario, variant, server))
+            cpu = None
+            if rec and rec["ok"]:
+                m = rec["metrics"]
+                cpu = m.get("cpu") or m.get("cpu_open") or m.get("cpu_fresh")
+            if not cpu:
+                cells.append("—")
+            else:
+                text = f"{cpu.get('server_util', 0):.0%} / {cpu['gen_util']:.0%}"
+                if noise(cpu) > 0.1:
+                    text += f" (noise {noise(cpu):.0%})"
+                cells.append(text)
+        lines.append(f"| {scenario} {variant} | " + " | ".join(cells) + " |")
+    tok = [r for r in records if r["scenario"] == "tokens" and r["ok"]]
+    if tok:
+        lines += [
+            "",
+            "Token streams, each step: streams: steady-state p99 lateness in ms (server / "
+            "generator CPU over the steady window):",
+            "",
+        ]
+        for r in sorted(tok, key=lambda r: servers.index(r["server"])):
+            parts = []
+            for st in r["metrics"].get("steps", []):
+                cpu = st.get("cpu_steady") or st["cpu"]
+                lat = st.get("steady_lateness_ms") or st["lateness_ms"]
+                parts.append(
+                    f"{st['streams']}: {lat.get('p99', '—')} "
+                    f"({cpu.get('server_util', 0):.0%}/{cpu['gen_util']:.0%})"
+                    + ("" if st["held"] else f" ✗ (lost {st['lost']})")
+                )
+            lines.append(f"- {r['server']}: " + "; ".join(parts))
+    lines += ["", "Versions: " + "; ".join(f"{s}: {SERVERS[s].version()}" for s in servers), ""]
+    charts = [p.name for p in sorted(RESULTS.glob("*.png"))]
+    if charts:
+        lines += ["Charts: " + ", ".join(f"[{c}]({c})" for c in charts), ""]
+    path = RESULTS / "RESULTS.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_charts(records: list[dict[str, Any]]) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written: list[Path] = []
+    servers = [s for s in ALL_SERVERS if any(r["server"] == s for r in records)]
+    colors = dict(zip(ALL_SERVERS, ["C3", "C0", "C2", "C1", "C4"], strict=True))
+
+    idle = [r for r in records if r["scenario"] == "idle" and r["ok"]]
+    if idle:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for server in servers:
+            for r in (r for r in idle if r["server"] == server):
+                pts = sorted(r["metrics"].get("curve", []))
+                if pts:
+                    ax.plot(
+                        [p[0] for p in pts],
+                        [p[1] / 1024 for p in pts],
+                        marker=".",
+                        color=colors[server],
+                        label=f"{server} ({r['variant']})",
+                    )
+        ax.set_xlabel("open idle streams")
+        ax.set_ylabel("server RSS, MB")
+        ax.set_title("Capacity: server memory vs open streams")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        written.append(_save(fig, "capacity.png"))
+
+    tok = [r for r in records if r["scenario"] == "tokens" and r["ok"]]
+    if tok:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in sorted(tok, key=lambda r: servers.index(r["server"])):
+            steps = sorted(r["metrics"].get("steps", []), key=lambda s: s["streams"])
+            lats = [(s["streams"], s.get("steady_lateness_ms") or s["lateness_ms"]) for s in steps]
+            lats = [(n, lat) for n, lat in lats if lat.get("n")]
+            xs = [n for n, _ in lats]
+            p99 = [max(0.01, lat["p99"]) for _, lat in lats]
+            p50 = [max(0.01, lat["p50"]) for _, lat in lats]
+            c = colors[r["server"]]
+            ax.plot(xs, p99, marker="o", color=c, label=f"{r['server']} p99")
+            ax.plot(xs, p50, marker=".", ls=":", color=c, label=f"{r['server']} p50")
+        ax.axhline(LATENESS_BOUND_MS, color="k", ls="--", lw=1, label="50 ms bound")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent streams at 50 tokens/s")
+        ax.set_ylabel("token lateness, ms")
+        ax.set_title("Latency: token lateness vs concurrent streams")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, ncol=2)
+        written.append(_save(fig, "tokens_latency.png"))
+
+    fan = [r for r in records if r["scenario"] == "fanout" and r["ok"]]
+    if fan:
+        variants = sorted({r["variant"] for r in fan}, key=_variant_order)
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.5))
+        width = 0.8 / max(1, len(servers))
+        for i, server in enumerate(servers):
+            xs, rate, p99 = [], [], []
+            for j, v in enumerate(variants):
+                rec = next((r for r in fan if r["server"] == server and r["variant"] == v), None)
+                if rec:
+                    xs.append(j + i * width)
+                    rate.append(rec["metrics"]["deliveries_per_s"] / 1000)
+                    p99.append(rec["metrics"]["latency_ms"].get("p99") or 0)
+            ax1.bar(xs, rate, width, color=colors[server], label=server)
+            ax2.bar(xs, p99, width, color=colors[server], label=server)
+        for ax in (ax1, ax2):
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(variants))], variants)
+            ax.grid(alpha=0.3, axis="y")
+        ax1.set_ylabel("deliveries per s (thousands)")
+        ax1.set_title("Fan-out throughput")
+        ax2.set_yscale("log")
+        ax2.set_ylabel("delivery latency p99, ms (log)")
+        ax2.set_title("Fan-out latency")
+        ax1.legend(fontsize=8)
+        written.append(_save(fig, "fanout.png"))
+
+    ttft = [r for r in records if r["scenario"] == "ttft" and r["ok"]]
+    if ttft:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        labels = ["fresh p50", "fresh p99", "keep-alive p50", "keep-alive p99"]
+        paths = ["fresh_ms.p50", "fresh_ms.p99", "keepalive_ms.p50", "keepalive_ms.p99"]
+        width = 0.8 / max(1, len(servers))
+        for i, server in enumerate(servers):
+            rec = next((r for r in ttft if r["server"] == server), None)
+            if rec:
+                vals = [_get(rec["metrics"], p) or 0 for p in paths]
+                ax.bar(
+                    [j + i * width for j in range(4)],
+                    vals,
+                    width,
+                    color=colors[server],
+                    label=server,
+                )
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(4)], labels)
+        ax.set_ylabel("request sent → first token, ms")
+        ax.set_title("Time to first token added by the server")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+        written.append(_save(fig, "ttft.png"))
+    return written
+
+
+def _variant_order(variant: str) -> tuple[float, str]:
+    """'1k x4pub' -> (1000, 'x4pub'): sizes in numeric order."""
+    head, _, rest = variant.partition(" ")
+    try:
+        size = float(head.rstrip("k")) * (1000 if head.endswith("k") else 1)
+    except ValueError:
+        size = float("inf")
+    return size, rest
+
+
+def _save(fig: Any, name: str) -> Path:
+    path = RESULTS / name
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="a few minutes (default)")
+    mode.add_argument("--full", action="store_true", help="bigger counts, finer ramps")
+    p.add_argument("--only", default=",".join(ALL_SCENARIOS), help="scenarios, comma-separated")
+    p.add_argument("--servers", default=",".join(ALL_SERVERS), help="servers, comma-separated")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="record sseserver with py-spy during each load (bench/results/profile_*.txt); "
+        "the records are marked profiled: sampling costs the server a little",
+    )
+    p.add_argument("--no-report", action="store_true", help="skip RESULTS.md and charts")
+    p.add_argument(
+        "--fanout-subscribers",
+        default="",
+        help="override the mode's fan-out sizes, e.g. 10000 or 1000,10000",
+    )
+    p.add_argument("--idle-streams", default="", help="override the mode's idle counts, e.g. 20000")
+    p.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run servers and load generator at this nice level (e.g. -5, as root) so that "
+        "other programs on a shared machine disturb the measurements less",
+    )
+    args = p.parse_args(argv)
+    args.scenarios = [s.strip() for s in args.only.split(",") if s.strip()]
+    args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()]
+    bad = [s for s in args.scenarios if s not in ALL_SCENARIOS]
+    bad += [s for s in args.server_list if s not in SERVERS]
+    if bad:
+        p.error(f"unknown scenario or server: {', '.join(bad)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = dataclasses.replace(FULL if args.full else QUICK)
+    if args.fanout_subscribers:
+        settings.fanout_subscribers = [int(x) for x in args.fanout_subscribers.split(",")]
+    if args.idle_streams:
+        settings.idle_streams = [int(x) for x in args.idle_streams.split(",")]
+    if args.nice:
+        NICE[:] = ["nice", "-n", str(args.nice)]
+    _raise_nofile()
+    run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    bench = Bench(settings, run_id, profile=args.profile)
+    started = time.monotonic()
+    for scenario in args.scenarios:
+        for name in args.server_list:
+            spec = SERVERS[name]
+            if scenario not in spec.scenarios:
+                continue
+            why = spec.available()
+            if why:
+                bench.say(f"{name}: skipped ({why})")
+                bench.record(scenario, "-", name, None, skipped=why)
+                continue
+            try:
+                getattr(bench, scenario)(name)
+            except (RuntimeError, OSError, subprocess.SubprocessError, KeyError) as exc:
+                bench.say(f"{name} {scenario}: ERROR {exc}")
+                bench.record(scenario, "-", name, None, error=str(exc)[:500])
+    bench.say(f"done in {time.monotonic() - started:.0f} s")
+    if not args.no_report:
+        records = latest_records(settings.mode)
+        charts = write_charts(records)
+        report = write_report(records, settings)
+        bench.say(f"wrote {report.relative_to(ROOT)} and {len(charts)} charts")
+        summary = closing_note(records)
+        if summary:
+            print(summary, file=sys.stderr, flush=True)
+    return 0
+
+
+def closing_note(records: list[dict[str, Any]]) -> str:
+    """The two sseserver figures the core issue's closing note needs."""
+    out = []
+    for r in records:
+        if r["server"] != "sseserver" or not r["ok"]:
+            continue
+        m = r["metrics"]
+        if r["scenario"] == "idle":
+            out.append(
+                f"sseserver idle {r['variant']}: {m['held']:,} streams held, "
+                f"{m['rss_per_stream_kb']:.2f} KB RSS per stream "
+                f"(~{m.get('streams_per_gib') or 0:,} streams per GiB), "
+                f"{m['opened_per_s']:,.0f} streams opened per s, {m['failures']} failures"
+                + (f" [capped by {m['capped_by']}]" if m.get("capped_by") else "")
+            )
+        elif r["scenario"] == "tokens":
+            out.append(
+                f"sseserver tokens: {m['max_streams_held']:,} concurrent 50 token/s streams "
+                f"held with p99 lateness {m['p99_ms_at_held']} ms (≤ {m['bound']:.0f} ms); "
+                f"first failing count {m['failed_at']}"
+            )
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""The Redis hub across processes (SPEC §8, §10): server processes started with
+``--hub redis://…`` sharing one real redis-server.
+
+- an update published on instance A reaches a subscriber on instance B;
+- a subscriber resumes on B after an id that was published on A;
+- an instance started later loads the history from Redis and replays it;
+- a generation started on A resumes on B (no sticky sessions);
+- Redis crashing and coming back under load: publishes during the outage answer 503 (or
+  succeed), ``/readyz`` is 503 while Redis is down and 200 after, and every update whose
+  publish was answered 200 reaches the subscriber on B, in order, once — possibly after
+  a reconnect with ``Last-Event-ID``: nothing acknowledged is silently lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+
+from sseserver.providers.synthetic import token_text
+from tests.integration.redis_server import (
+    RedisServer,
+    ServerProcess,
+    redis_running,
+    sseserver_running,
+)
+from tests.protocol.rawhttp import RawClient, Response, SSEReader, open_stream, seq_of, text_of
+from tests.sse_parser import Event
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+PATH = "/.well-known/mercure"
+FORM = [("Content-Type", "application/x-www-form-urlencoded")]
+
+
+def server_args(redis: RedisServer, *extra: str) -> list[str]:
+    return ["--hub", redis.url, "--heartbeat-s", "1", "--shutdown-grace-s", "2", *extra]
+
+
+async def request(port: int, method: str, target: str, headers: Iterable[tuple[str, str]] = (),
+                  body: bytes = b"", within: float = 10.0) -> Response:
+    async with await RawClient.connect(port) as client:
+        client.request(method, target, headers, body)
+        return await client.response(within)
+
+
+async def publish(port: int, topic: str, data: str, event_id: str | None = None,
+                  within: float = 10.0) -> Response:
+    fields = [("topic", topic), ("data", data)]
+    if event_id is not None:
+        fields.append(("id", event_id))
+    return await request(port, "POST", PATH, FORM, urlencode(fields).encode(), within)
+
+
+async def publish_ok(port: int, topic: str, data: str, event_id: str) -> None:
+    resp = await publish(port, topic, data, event_id)
+    assert resp.status == 200, (resp.status, resp.body)
+    assert resp.body.decode() == event_id
+
+
+async def subscribe(port: int, topic: str, last_event_id: str | None = None
+                    ) -> tuple[RawClient, SSEReader]:
+    headers = [("Last-Event-ID", last_event_id)] if last_event_id else []
+    client, resp, reader = await open_stream(
+        port, f"{PATH}?{urlencode({'topic': topic})}", headers=headers
+    )
+    assert resp.status == 200, resp.status
+    return client, reader
+
+
+async def read_until_id(reader: SSEReader, last_id: str, within: float = 10.0) -> list[Event]:
+    await reader.until(
+        lambda r: bool(r.parser.events) and r.parser.events[-1].last_event_id == last_id,
+        within=within,
+    )
+    return list(reader.parser.events)
+
+
+async def await_status(port: int, path: str, status: int, within: float) -> float:
+    """Poll ``path`` until it answers ``status``; the seconds it took."""
+    start = time.monotonic()
+    deadline = start + within
+    last: int | str = "nothing"
+    while time.monotonic() < deadline:
+        try:
+            resp = await request(port, "GET", path, within=2.0)
+            last = resp.status
+            if resp.status == status:
+                return time.monotonic() - start
+        except (OSError, TimeoutError, AssertionError) as exc:
+            last = repr(exc)
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{path} did not answer {status} within {within}s (last: {last})")
+
+
+def logs(*servers: ServerProcess) -> str:
+    return "\n".join(f"--- {s.log_path.name}\n{s.log()[-3000:]}" for s in servers)
+
+
+# -- sharing topics ----------------------------------------------------------------------
+
+
+async def test_publish_on_one_instance_reaches_subscribers_on_another(tmp_path: Path) -> None:
+    with redis_running(tmp_path / "redis") as redis, \
+            sseserver_running(tmp_path, *server_args(redis), name="a") as a, \
+            sseserver_running(tmp_path, *server_args(redis), name="b") as b:
+        await await_status(a.port, "/readyz", 200, 10)
+        await await_status(b.port, "/readyz", 200, 10)
+        client_b, reader_b = await subscribe(b.port, "shared")
+        client_a, reader_a = await subscribe(a.port, "shared")
+        async with client_a, client_b:
+            ids = [f"x{i}" for i in range(20)]
+            for i, event_id in enumerate(ids):
+                await publish_ok(a.port if i % 2 == 0 else b.port, "shared", f"d{i}", event_id)
+            for reader in (reader_a, reader_b):
+                events = await read_until_id(reader, ids[-1])
+                assert [e.last_event_id for e in events] == ids, logs(a, b)
+                assert [e.data for e in events] == [f"d{i}" for i in range(20)]
+            # Another topic does not leak in.
+            await publish_ok(a.port, "other", "o", "o1")
+            await publish_ok(a.port, "shared", "end", "end")
+            events = await read_until_id(reader_b, "end")
+            assert "o1" not in [e.last_event_id for e in events]
+
+
+async def test_resume_on_b_after_an_id_published_on_a(tmp_path: Path) -> None:
+    with redis_running(tmp_path / "redis") as redis, \
+            sseserver_running(tmp_path, *server_args(redis), name="a") as a, \
+            sseserver_running(tmp_path, *server_args(redis), name="b") as b:
+        live_client, live = await subscribe(b.port, "book")
+        async with live_client:
+            ids = [f"e{i}" for i in range(10)]
+            for i, event_id in enumerate(ids):
+                await publish_ok(a.port, "book", f"d{i}", event_id)
+            await read_until_id(live, ids[-1])  # B's mirror holds them all now
+        for k in (0, 4, 8, 9):
+            client, reader = await subscribe(b.port, "book", last_event_id=ids[k])
+            async with client:
+                sentinel = f"s{k}"
+                await publish_ok(a.port, "book", "sentinel", sentinel)
+                got = [e.last_event_id for e in await read_until_id(reader, sentinel)]
+                sentinels = [f"s{j}" for j in (0, 4, 8, 9) if j < k]
+                assert got == [*ids[k + 1 :], *sentinels, sentinel], (k, logs(a, b))
+
+
+async def test_new_instance_replays_history_from_redis(tmp_path: Path) -> None:
+    with redis_running(tmp_path / "redis") as redis:
+        with sseserver_running(tmp_path, *server_args(redis), name="a") as a:
+            ids = [f"h{i}" for i in range(30)]
+            for i, event_id in enumerate(ids):
+                await publish_ok(a.port, f"topic{i % 3}", f"d{i}", event_id)
+        # A is gone; C starts later and knows everything from Redis alone.
+        with sseserver_running(tmp_path, *server_args(redis), name="c") as c:
+            client, reader = await subscribe(c.port, "topic0", last_event_id="earliest")
+            async with client:
+                want = [ids[i] for i in range(0, 30, 3)]
+                got = [e.last_event_id for e in await read_until_id(reader, want[-1])]
+                assert got == want, logs(c)
+            client, reader = await subscribe(c.port, "topic1", last_event_id="h13")
+            async with client:
+                want = [ids[i] for i in range(16, 30, 3)]
+                got = [e.last_event_id for e in await read_until_id(reader, want[-1])]
+                assert got == want
+            # An id C has from Redis is taken as a duplicate, as it would be on A.
+            resp = await publish(c.port, "topic0", "again", "h0")
+            assert resp.status == 400
+
+
+async def test_generation_started_on_a_resumes_on_b(tmp_path: Path) -> None:
+    tokens = 150  # ~3 s at 20 ms a token: still running long after the move to B
+    grace = "2"
+    with redis_running(tmp_path / "redis") as redis, \
+            sseserver_running(tmp_path, *server_args(redis, "--resume-grace-s", grace),
+                              name="a") as a, \
+            sseserver_running(tmp_path, *server_args(redis, "--resume-grace-s", grace),
+                              name="b") as b:
+        query = f"tokens={tokens}&interval_ms=20"
+        client, resp, reader = await open_stream(a.port, f"/v1/stream?{query}")
+        async with client:
+            assert resp.status == 200
+            await reader.until(lambda r: len(r.parser.events) >= 5)
+        first = list(reader.parser.events)
+        gen_id = json.loads(first[0].data)["id"]
+        # EventSource waits its retry time (2 s by default) before it reconnects; a
+        # fraction of that lets A's updates reach B through Redis, as they would have.
+        await asyncio.sleep(0.3)
+        # It reconnects; nginx (no sticky sessions) sends it to B this time.
+        client, resp, reader = await open_stream(
+            b.port, f"/v1/stream?{query}", headers=[("Last-Event-ID", first[-1].last_event_id)]
+        )
+        async with client:
+            assert resp.status == 200
+            rest = await reader.rest(within=20)
+        assert "start" not in [e.type for e in rest], "a new generation was started on B"
+        assert all(e.last_event_id.startswith(f"{gen_id}:") for e in rest)
+        assert [seq_of(e) for e in rest] == list(
+            range(seq_of(first[-1]) + 1, seq_of(first[-1]) + 1 + len(rest))
+        )
+        errors = [json.loads(e.data) for e in rest if e.type == "error"]
+        assert errors == [], (
+            f"the generation on A was ended while its viewer watched on B: {errors}"
+        )
+        assert rest[-1].data == "[DONE]"
+        assert text_of(first) + text_of(rest) == "".join(token_text(i) for i in range(tokens))
+
+
+# -- Redis going away under load ---------------------------------------------------------
+
+
+def more_than(n: int) -> Callable[[SSEReader], bool]:
+    return lambda r: len(r.parser.events) > n
+
+
+class ResumingSubscriber:
+    """A subscriber that reconnects (with Last-Event-ID) whenever its stream ends or its
+    connection drops, as EventSource does; keeps every event it received."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.port = port
+        self.topic = topic
+        self.events: list[Event] = []
+        self.connects = 0
+        self.stop = asyncio.Event()
+
+    @property
+    def last_id(self) -> str | None:
+        return self.events[-1].last_event_id if self.events else None
+
+    async def run(self) -> None:
+        for _ in range(100):  # bounded number of reconnects
+            if self.stop.is_set():
+                return
+            try:
+                client, reader = await subscribe(self.port, self.topic, self.last_id)
+            except (OSError, AssertionError, TimeoutError):
+                await asyncio.sleep(0.2)
+                continue
+            self.connects += 1
+            async with client:
+                seen = 0
+                while not self.stop.is_set():
+                    try:
+                        await reader.until(more_than(seen), within=0.2)
+                    except TimeoutError:
+                        continue
+                    except (AssertionError, OSError):
+                        break  # the stream ended or the connection closed: reconnect
+                    finally:
+                        self.events.extend(reader.parser.events[seen:])
+                        seen = len(reader.parser.events)
+            await asyncio.sleep(0.1)
+        raise AssertionError("too many reconnects")
+
+
+async def test_redis_restart_under_load_loses_nothing_acknowledged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with redis_running(tmp_path / "redis", appendonly=True) as redis, \
+            sseserver_running(tmp_path, *server_args(redis), name="a") as a, \
+            sseserver_running(tmp_path, *server_args(redis), name="b") as b:
+        await await_status(a.port, "/readyz", 200, 10)
+        await await_status(b.port, "/readyz", 200, 10)
+        subscriber = ResumingSubscriber(b.port, "load")
+        sub_task = asyncio.create_task(subscriber.run())
+        await asyncio.sleep(0.3)
+        results: list[tuple[str, int | str]] = []
+        stop_publishing = asyncio.Event()
+
+        async def publisher() -> None:
+            for n in range(2000):  # bounded in count; stopped by the test in time
+                if stop_publishing.is_set():
+                    return
+                event_id = f"r{n}"
+                try:
+                    resp = await publish(a.port, "load", f"payload {n}", event_id, within=10)
+                    results.append((event_id, resp.status))
+                except (OSError, TimeoutError, AssertionError) as exc:
+                    results.append((event_id, repr(exc)))
+                await asyncio.sleep(0.02)
+
+        pub_task = asyncio.create_task(publisher())
+        try:
+            await asyncio.sleep(1.0)
+            killed_at = time.monotonic()
+            redis.kill()
+            not_ready_a = await await_status(a.port, "/readyz", 503, 10)
+            not_ready_b = await await_status(b.port, "/readyz", 503, 10)
+            await asyncio.sleep(1.5)
+            redis.start()
+            restarted_at = time.monotonic()
+            ready_a = await await_status(a.port, "/readyz", 200, 15)
+            ready_b = await await_status(b.port, "/readyz", 200, 15)
+            await asyncio.sleep(1.0)
+        finally:
+            stop_publishing.set()
+            await asyncio.wait_for(pub_task, 30)
+        try:
+            # A last update, retried until acknowledged, marks the end.
+            for attempt in range(50):
+                resp = await publish(a.port, "load", "the end", f"end-{attempt}")
+                if resp.status == 200:
+                    sentinel = f"end-{attempt}"
+                    break
+                await asyncio.sleep(0.2)
+            else:
+                raise AssertionError("could not publish after Redis came back\n" + logs(a, b))
+            deadline = time.monotonic() + 20
+            while subscriber.last_id != sentinel and time.monotonic() < deadline:
+                assert not sub_task.done() or sub_task.exception() is None
+                await asyncio.sleep(0.05)
+        finally:
+            subscriber.stop.set()
+            await asyncio.wait_for(sub_task, 10)
+
+        statuses = [s for _i, s in results]
+        ok = [i for i, s in results if s == 200]
+        refused = [i for i, s in results if s == 503]
+        other = [(i, s) for i, s in results if s not in (200, 503)]
+        received = [e.last_event_id for e in subscriber.events]
+        order = {event_id: n for n, (event_id, _s) in enumerate(results)}
+        with capsys.disabled():
+            print(
+                f"\n[redis restart] {len(results)} publishes: {len(ok)} x 200, "
+                f"{len(refused)} x 503, {len(other)} other; subscriber connects: "
+                f"{subscriber.connects}; readyz 503 after {not_ready_a:.2f}s (A) / "
+                f"{not_ready_b:.2f}s (B) of the kill; 200 again {ready_a:.2f}s (A) / "
+                f"{ready_b:.2f}s (B) after the restart; outage "
+                f"{restarted_at - killed_at:.2f}s"
+            )
+        assert other == [], f"publishes must answer 200 or 503: {other[:5]}\n" + logs(a, b)
+        assert refused, "nothing was refused while Redis was down"
+        assert received[-1] == sentinel, logs(a, b)
+        assert len(received) == len(set(received)), "duplicates"
+        body = received[:-1]
+        assert all(i in order for i in body), "received an update never published"
+        assert [order[i] for i in body] == sorted(order[i] for i in body), "out of order"
+        missing = [i for i in ok if i not in set(body)]
+        assert missing == [], (
+            f"{len(missing)} acknowledged updates never reached the subscriber: "
+            f"{missing[:10]}\n{logs(a, b)}"
+        )
+        assert set(statuses) <= {200, 503}

@@ -1,0 +1,293 @@
+"""``--workers N`` (SPEC §10): N processes share one port with ``SO_REUSEPORT`` and, with the
+Redis hub, share topics; the supervisor restarts a worker that dies; SIGTERM to the
+supervisor ends every worker gracefully and exits 0.
+
+Which worker holds a client's connection is read from ``/proc``: the server-side socket
+of the connection (remote port = the client's local port) is found in ``/proc/net/tcp``
+and its inode among the workers' file descriptors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import AsyncExitStack, contextmanager
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+
+from tests.conftest import require
+from tests.integration.redis_server import ServerProcess, redis_running, sseserver_running
+from tests.protocol.rawhttp import RawClient, SSEReader, open_stream
+from tests.sse_parser import Event
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+PATH = "/.well-known/mercure"
+FORM = [("Content-Type", "application/x-www-form-urlencoded")]
+TCP_LISTEN = "0A"
+TCP_ESTABLISHED = "01"
+
+
+# -- /proc -------------------------------------------------------------------------------
+
+
+def children(pid: int) -> set[int]:
+    """Live child processes of ``pid`` (zombies excluded)."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        state, ppid = fields[0], int(fields[1])
+        if ppid == pid and state != "Z":
+            out.add(int(entry))
+    return out
+
+
+def have_proc() -> bool:
+    return os.path.exists("/proc/net/tcp")
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
+
+
+def socket_inodes(pid: int) -> set[int]:
+    inodes: set[int] = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def tcp_sockets() -> Iterable[tuple[int, int, str, int]]:
+    """(local port, remote port, state, inode) of every TCP socket (IPv4 and IPv6)."""
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            local, remote, state, inode = parts[1], parts[2], parts[3], int(parts[9])
+            yield int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16), \
+                state, inode
+
+
+def listening_workers(port: int, workers: set[int]) -> set[int]:
+    listening = {inode for lp, _rp, st, inode in tcp_sockets() if lp == port and st == TCP_LISTEN}
+    return {pid for pid in workers if socket_inodes(pid) & listening}
+
+
+def worker_of(server_port: int, client_port: int, workers: set[int]) -> int | None:
+    inodes = {
+        inode
+        for lp, rp, st, inode in tcp_sockets()
+        if lp == server_port and rp == client_port and st == TCP_ESTABLISHED
+    }
+    for pid in workers:
+        if socket_inodes(pid) & inodes:
+            return pid
+    return None
+
+
+async def await_workers(sup: ServerProcess, count: int, within: float,
+                        exclude: Iterable[int] = ()) -> set[int]:
+    """Poll until ``count`` children of the supervisor listen on its port."""
+    excluded = set(exclude)
+    deadline = time.monotonic() + within
+    found: set[int] = set()
+    while time.monotonic() < deadline:
+        kids = children(sup.pid) - excluded
+        found = listening_workers(sup.port, kids)
+        if len(kids) == count and len(found) == count:
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{count} listening workers expected, got {found}\n{sup.log()[-3000:]}")
+
+
+# -- HTTP --------------------------------------------------------------------------------
+
+
+async def publish_ok(port: int, topic: str, data: str, event_id: str) -> None:
+    body = urlencode([("topic", topic), ("data", data), ("id", event_id)]).encode()
+    async with await RawClient.connect(port) as client:
+        client.request("POST", PATH, FORM, body)
+        resp = await client.response(10)
+    assert resp.status == 200, (resp.status, resp.body)
+
+
+async def read_until_id(reader: SSEReader, last_id: str, within: float = 10.0) -> list[Event]:
+    await reader.until(
+        lambda r: bool(r.parser.events) and r.parser.events[-1].last_event_id == last_id,
+        within=within,
+    )
+    return list(reader.parser.events)
+
+
+class Sub:
+    def __init__(self, client: RawClient, reader: SSEReader, pid: int) -> None:
+        self.client = client
+        self.reader = reader
+        self.pid = pid
+
+
+async def open_subscribers(port: int, workers: set[int], stack: AsyncExitStack,
+                           per_worker: int = 3, limit: int = 60) -> list[Sub]:
+    """Open subscriber connections until every worker holds ``per_worker`` of them
+    (the kernel picks the worker; bounded by ``limit`` connections)."""
+    subs: list[Sub] = []
+    for _ in range(limit):
+        counts = {pid: sum(s.pid == pid for s in subs) for pid in workers}
+        if all(c >= per_worker for c in counts.values()):
+            return subs
+        client, resp, reader = await open_stream(port, f"{PATH}?topic=shared")
+        stack.push_async_callback(client.close)
+        assert resp.status == 200
+        local_port = client.writer.get_extra_info("sockname")[1]
+        pid = None
+        for _attempt in range(40):
+            pid = worker_of(port, local_port, workers)
+            if pid is not None:
+                break
+            await asyncio.sleep(0.025)
+        assert pid is not None, f"no worker holds the connection from port {local_port}"
+        subs.append(Sub(client, reader, pid))
+    raise AssertionError(
+        f"connections did not spread over the workers: {[s.pid for s in subs]}"
+    )
+
+
+# -- the tests ---------------------------------------------------------------------------
+
+
+@contextmanager
+def workers_running(tmp_path: Path) -> Iterator[ServerProcess]:
+    require("/proc/net/tcp", have_proc(), "needs Linux /proc")
+    with redis_running(tmp_path / "redis") as redis, sseserver_running(
+        tmp_path,
+        "--workers", "2",
+        "--hub", redis.url,
+        "--heartbeat-s", "1",
+        "--shutdown-grace-s", "2",
+        name="supervisor",
+    ) as sup:
+        yield sup
+
+
+async def test_workers_share_port_and_topics_and_restart(tmp_path: Path) -> None:
+    with workers_running(tmp_path) as sup:
+        port = sup.port
+        workers = await await_workers(sup, 2, within=20)
+        assert sup.pid not in workers
+        async with AsyncExitStack() as stack:
+            # 1. Connections spread over both workers (the kernel's SO_REUSEPORT hash).
+            subs = await open_subscribers(port, workers, stack)
+            assert {s.pid for s in subs} == workers
+
+            # 2. A publish lands on one worker and reaches subscribers on both (Redis).
+            ids = [f"w{i}" for i in range(6)]
+            for i, event_id in enumerate(ids):
+                await publish_ok(port, "shared", f"d{i}", event_id)
+            for sub in subs:
+                got = [e.last_event_id for e in await read_until_id(sub.reader, ids[-1])]
+                assert got == ids, (sub.pid, sup.log()[-3000:])
+
+            # 3. A worker that dies is started again; the other keeps serving meanwhile.
+            victim = next(iter(workers))
+            survivor = next(iter(workers - {victim}))
+            os.kill(victim, signal.SIGKILL)
+            for sub in subs:
+                if sub.pid == victim:
+                    assert await sub.client.closed_by_server(within=5.0)
+            new_workers = await await_workers(sup, 2, within=15, exclude={victim})
+            assert survivor in new_workers and victim not in new_workers
+            assert sup.proc.poll() is None, "the supervisor must outlive a worker"
+            assert "restarting" in sup.log()
+            replacement = next(iter(new_workers - {survivor}))
+            live = [s for s in subs if s.pid == survivor]
+            live += await open_subscribers(port, new_workers, stack, per_worker=1)
+            assert replacement in {s.pid for s in live}
+            later = [f"v{i}" for i in range(4)]
+            for i, event_id in enumerate(later):
+                await publish_ok(port, "shared", f"late{i}", event_id)
+            for sub in live:
+                got = [e.last_event_id for e in await read_until_id(sub.reader, later[-1])]
+                assert got[-len(later) :] == later, sub.pid
+            # The replacement loaded the history from Redis: a resume works on it too.
+            for _ in range(20):
+                client, resp, reader = await open_stream(
+                    port, f"{PATH}?topic=shared", headers=[("Last-Event-ID", "w3")]
+                )
+                stack.push_async_callback(client.close)
+                assert resp.status == 200
+                got = [e.last_event_id for e in await read_until_id(reader, later[-1])]
+                assert got == [*ids[4:], *later]
+                local_port = client.writer.get_extra_info("sockname")[1]
+                if worker_of(port, local_port, new_workers) == replacement:
+                    break
+            else:
+                raise AssertionError("no resume landed on the replacement worker")
+
+
+async def test_sigterm_to_supervisor_stops_every_worker_and_exits_0(tmp_path: Path) -> None:
+    with workers_running(tmp_path) as sup:
+        workers = await await_workers(sup, 2, within=20)
+        async with AsyncExitStack() as stack:
+            await open_subscribers(sup.port, workers, stack, per_worker=2)
+            started = time.monotonic()
+            sup.proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(sup.proc.wait, 20)
+            took = time.monotonic() - started
+        assert code == 0, sup.log()[-3000:]
+        assert took < 2 + 5, f"stopping took {took:.1f}s"
+        for _ in range(100):  # up to 5 s
+            if not any(alive(pid) for pid in workers):
+                break
+            await asyncio.sleep(0.05)
+        assert not any(alive(pid) for pid in workers), "a worker outlived the supervisor"
+        assert sup.log().count("shutting down") == 2
+
+
+async def test_sigterm_ends_every_workers_streams_cleanly(tmp_path: Path) -> None:
+    """SPEC §10: on SIGTERM open streams get a ``retry:`` field and the chunked
+    terminator, not a bare close — in each worker."""
+    with workers_running(tmp_path) as sup:
+        workers = await await_workers(sup, 2, within=20)
+        async with AsyncExitStack() as stack:
+            subs = await open_subscribers(sup.port, workers, stack, per_worker=2)
+            sup.proc.send_signal(signal.SIGTERM)
+            cut: list[str] = []
+            for sub in subs:
+                try:
+                    await sub.reader.rest(within=10)
+                except Exception as exc:  # collected: the verdict names every stream
+                    cut.append(f"worker {sub.pid}: {exc!r:.90}")
+                    continue
+                body = bytes(sub.reader.data)
+                # The stream opened with one retry: field; shutdown must add another.
+                if not body.endswith(b"retry: 2000\n\n") or body.count(b"retry: ") < 2:
+                    cut.append(f"worker {sub.pid}: no retry: before the end")
+            await asyncio.to_thread(sup.proc.wait, 20)
+        assert cut == [], f"{len(cut)} of {len(subs)} streams not ended cleanly: {cut[:3]}"
