@@ -83,6 +83,10 @@ class Application:
         return register
 
     async def __call__(self, request: Request, stream: EventStream) -> None:
+        # Middlewares wrap routing, so 404/405 answers get request ids, CORS and counts.
+        await self._call(0, request, stream)
+
+    async def _route(self, request: Request, stream: EventStream) -> None:
         handler, params, allow = self.router.resolve(request.method, request.path)
         request.params = params
         if handler is None:
@@ -95,17 +99,15 @@ class Application:
                     f"{request.method} is not allowed here",
                     [("Allow", allow)],
                 )
-        await self._call(0, request, stream, handler)
+        await handler(request, stream)
 
-    async def _call(
-        self, index: int, request: Request, stream: EventStream, handler: Handler
-    ) -> None:
+    async def _call(self, index: int, request: Request, stream: EventStream) -> None:
         if index == len(self.middlewares):
-            await handler(request, stream)
+            await self._route(request, stream)
             return
 
         async def next_handler(req: Request, st: EventStream) -> None:
-            await self._call(index + 1, req, st, handler)
+            await self._call(index + 1, req, st)
 
         await self.middlewares[index](request, stream, next_handler)
 

@@ -32,6 +32,8 @@ def parse_rate(text: str) -> Rate | None:
     if not m or int(m.group(1)) <= 0:
         raise ValueError(f"rate must look like '3/60s', got {text!r}")
     amount = float(m.group(2) or 1)
+    if amount <= 0:
+        raise ValueError(f"rate window must be positive, got {text!r}")
     unit = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}[m.group(3) or "s"]
     return Rate(int(m.group(1)), amount * unit)
 
@@ -102,6 +104,8 @@ class Config:
             raise ValueError("--log-format must be 'text' or 'json'")
         if self.loop not in ("auto", "asyncio", "uvloop"):
             raise ValueError("--loop must be auto, asyncio or uvloop")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise ValueError("--log-level must be debug, info, warning, error or critical")
         if self.hub != "memory" and not self.hub.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("--hub must be 'memory' or a redis:// URL")
         return self

@@ -176,6 +176,9 @@ class Generations:
         stream.detached = True
 
     def _viewer_left(self, gen: Generation, stream: EventStream) -> None:
+        if gen.ttft_ms is not None:  # for the access line of a reader who left early
+            stream.log.setdefault("ttft_ms", round(gen.ttft_ms, 2))
+        stream.log.setdefault("tokens", gen.tokens)
         gen.viewers.discard(stream)
         gen.throttlers.discard(stream)
         if gen.viewers or gen.finished:

@@ -230,6 +230,11 @@ class HTTPProtocol(asyncio.Protocol):
         target = event.target.decode("latin-1")
         raw_path, _, query = target.partition("?")
         path = unquote(raw_path)
+        head_bytes = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+        if head_bytes > config.max_head_bytes:
+            # h11 only bounds a head that arrives in pieces; one that fits a read is ours.
+            self._refuse(431, "head_too_large", "request head too large")
+            return False
         if not path.startswith("/") or "\x00" in path:
             self._refuse(400, "bad_request", "request target must be an absolute path")
             return False
@@ -353,6 +358,17 @@ class HTTPProtocol(asyncio.Protocol):
             and status not in (204, 304)
         )
 
+    def send_body(self, body: bytes) -> None:
+        """Write a Content-Length body through h11, which counts it for keep-alive."""
+        try:
+            data = self._conn.send(h11.Data(data=body))
+        except h11.LocalProtocolError:
+            log.exception("cannot send response body")
+            self.close_connection(abort=True)
+            return
+        if self.transport is not None and data:
+            self.transport.write(data)
+
     def end_response(self) -> None:
         """Finish the current response; keep the connection for the next request or
         close it, as h11 decides."""
@@ -472,5 +488,6 @@ class HTTPProtocol(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """Close an idle connection now; a busy one closes after its response."""
-        if self._task is None:
+        busy = self._task is not None or (self._stream is not None and self._stream.open)
+        if not busy:
             self.close_connection()

@@ -95,7 +95,9 @@ class Server:
         state.streams.broadcast(encode_retry(config.retry_ms))
         if self._on_shutdown is not None:
             try:
-                await asyncio.wait_for(self._on_shutdown(), config.shutdown_grace_s)
+                # The hook spends the grace period itself, then cancels what is left:
+                # the margin lets its cancellations finish instead of cutting them off.
+                await asyncio.wait_for(self._on_shutdown(), config.shutdown_grace_s + 5.0)
             except (TimeoutError, Exception):
                 log.exception("shutdown hook failed")
         # 3. Let running handlers finish within the grace period.

@@ -95,6 +95,7 @@ class Channel(Protocol):
     flow: FlowControl
 
     def send_head(self, status: int, headers: HeaderList) -> bool: ...
+    def send_body(self, body: bytes) -> None: ...
     def end_response(self) -> None: ...
     def close_connection(self, abort: bool = False) -> None: ...
 
@@ -170,9 +171,8 @@ class EventStream:
         self.status = status
         self.state = "done"
         self._channel.send_head(status, head)
-        transport = self._channel.transport
-        if body and self.request.method != "HEAD" and transport is not None:
-            transport.write(body)
+        if body and self.request.method != "HEAD":
+            self._channel.send_body(body)
             self.bytes_sent += len(body)
         self._channel.end_response()
 

@@ -103,11 +103,11 @@ def server_process(*args: str, env: dict[str, str] | None = None,
             proc.stdout.close()
 
 
-async def read_until(reader: asyncio.StreamReader, marker: bytes, timeout: float = 10.0
+async def read_until(reader: asyncio.StreamReader, marker: bytes, limit_s: float = 10.0
                      ) -> bytes:
     """Read until ``marker`` has been seen (or EOF); returns all bytes read."""
     buf = bytearray()
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(limit_s):
         while marker not in buf:
             chunk = await reader.read(65536)
             if not chunk:

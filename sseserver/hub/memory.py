@@ -134,9 +134,18 @@ class MemoryHub:
             if held:
                 break
             del topics[key]
-        if self._closed:
-            for topic in [t for t, at in self._closed.items() if at < horizon]:
-                del self._closed[topic]
+        closed = self._closed  # in closing order, so the old ones are at the front
+        while closed:
+            topic, at = next(iter(closed.items()))
+            if at >= horizon:
+                break
+            del closed[topic]
+
+    def _trim(self, held: deque[Update], horizon: float) -> None:
+        """Drop one topic's updates older than the age limit (any topic, not just the
+        one least recently published to, which is all ``_expire`` looks at)."""
+        while held and held[0].at < horizon:
+            self._by_id.pop(held.popleft().id, None)
 
     # -- subscribing -------------------------------------------------------------------
 
@@ -145,6 +154,15 @@ class MemoryHub:
         that id was found (``earliest`` always is)."""
         if last_event_id is None:
             return [], True
+        now = time.monotonic()
+        self._expire(now)
+        horizon = now - self.history_age_s
+        if sub.exact:
+            held_lists = [self._topics[t] for t in sub.selectors if t in self._topics]
+        else:
+            held_lists = list(self._topics.values())
+        for held in held_lists:
+            self._trim(held, horizon)
         if last_event_id == EARLIEST:
             after = 0
         else:
@@ -152,11 +170,6 @@ class MemoryHub:
             if anchor is None:
                 return [], False
             after = anchor.seq
-        self._expire(time.monotonic())
-        if sub.exact:
-            held_lists = [self._topics.get(t, ()) for t in sub.selectors]
-        else:
-            held_lists = list(self._topics.values())
         found: dict[int, Update] = {}
         for held in held_lists:
             for update in reversed(held):
@@ -222,6 +235,7 @@ class MemoryHub:
     def close_topic(self, topic: str, reason: str = "complete") -> None:
         """End the streams of everyone subscribed to exactly ``topic`` (a finished
         generation); they may keep their connections for another request."""
+        self._closed.pop(topic, None)
         self._closed[topic] = time.monotonic()
         for sub in tuple(self._exact.get(topic, ())):
             if sub.selectors == (topic,):

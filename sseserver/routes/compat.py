@@ -74,7 +74,10 @@ def register(app: Application, ctx: Context) -> None:
         params = {k: body[k] for k in ("temperature", "max_tokens") if body.get(k) is not None}
         if body.get("max_completion_tokens") is not None and "max_tokens" not in params:
             params["max_tokens"] = body["max_completion_tokens"]
-        params.update({k: v for k, v in (body.get("sseserver") or {}).items()})
+        extra = body.get("sseserver") or {}
+        if not isinstance(extra, dict):
+            raise HTTPError(400, "bad_request", "sseserver must be an object")
+        params.update(extra)
         messages = parse_messages(body.get("messages"))
         provider, gen = build_request(ctx, provider_name, model, messages, params)
         completion_id = "chatcmpl-" + secrets.token_hex(12)

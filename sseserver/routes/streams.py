@@ -113,6 +113,8 @@ def json_body(request: Request) -> dict[str, Any]:
         body = request.json()
     except (ValueError, UnicodeDecodeError):
         raise HTTPError(400, "bad_request", "body must be valid JSON") from None
+    except RecursionError:
+        raise HTTPError(400, "bad_request", "body is nested too deeply") from None
     if not isinstance(body, dict):
         raise HTTPError(400, "bad_request", "body must be a JSON object")
     return body
@@ -196,7 +198,9 @@ def register(app: Application, ctx: Context) -> None:
         if await try_resume(request, stream, throttle=True):
             return
         body = json_body(request)
-        params = body.get("params") or {}
+        params = body.get("params", {})
+        if params is None:
+            params = {}
         if not isinstance(params, dict):
             raise HTTPError(400, "bad_request", "params must be an object")
         messages = parse_messages(body.get("messages"))

@@ -180,11 +180,15 @@ class FakeChannel:
         self.transport: Any = None
         self.flow = FlowControl(asyncio.get_running_loop())
         self.heads: list[tuple[int, HeaderList]] = []
+        self.bodies: list[bytes] = []
         self.ended = 0
 
     def send_head(self, status: int, headers: HeaderList) -> bool:
         self.heads.append((status, list(headers)))
         return False
+
+    def send_body(self, body: bytes) -> None:
+        self.bodies.append(body)
 
     def end_response(self) -> None:
         self.ended += 1
@@ -261,7 +265,8 @@ async def test_405_with_allow(method: str, path: str, allowed: set[str]) -> None
     assert calls == []
 
 
-async def test_unknown_path_404_before_any_middleware() -> None:
+async def test_unknown_path_404_inside_the_middlewares() -> None:
+    """Middlewares wrap routing, so a 404 still gets a request id, CORS and counts."""
     app, calls = _app()
     seen: list[str] = []
 
@@ -273,7 +278,7 @@ async def test_unknown_path_404_before_any_middleware() -> None:
     with pytest.raises(HTTPError) as info:
         await _call(app, "GET", "/nope")
     assert info.value.status == 404
-    assert seen == [] and calls == []
+    assert seen == ["/nope"] and calls == []
 
 
 @pytest.mark.parametrize(
