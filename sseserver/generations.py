@@ -23,6 +23,7 @@ from typing import Any
 from .errors import ClientGone
 from .hub.base import Subscription
 from .hub.memory import MemoryHub
+from .hub.presence import RedisPresence
 from .providers.base import GenerationRequest, Provider, ProviderError
 from .stream import EventStream
 
@@ -98,6 +99,18 @@ class Generations:
         self._running: dict[str, Generation] = {}
         self._ended: dict[str, tuple[float, Generation]] = {}
         self.observer = observer
+        self.presence: RedisPresence | None = None  # readers on other instances (Redis)
+        self._checks: set[asyncio.Task[None]] = set()
+
+    def share(self, presence: RedisPresence) -> None:
+        """Let readers on other instances keep generations alive and cancel them."""
+        self.presence = presence
+        presence.on_cancel = self._cancel_asked_elsewhere
+
+    def _cancel_asked_elsewhere(self, generation_id: str) -> None:
+        gen = self._running.get(generation_id)
+        if gen is not None:
+            self.cancel(gen, "cancelled")
 
     def get(self, generation_id: str) -> Generation | None:
         gen = self._running.get(generation_id)
@@ -191,7 +204,24 @@ class Generations:
 
     def _abandon(self, gen: Generation) -> None:
         gen.grace = None
-        if not gen.viewers and not gen.finished:
+        if gen.viewers or gen.finished:
+            return
+        if self.presence is None:
+            self.cancel(gen, "abandoned")
+            return
+        check = asyncio.get_running_loop().create_task(self._abandon_unless_watched(gen))
+        self._checks.add(check)
+        check.add_done_callback(self._checks.discard)
+
+    async def _abandon_unless_watched(self, gen: Generation) -> None:
+        assert self.presence is not None
+        watched = await self.presence.watched_elsewhere(gen.id)
+        if gen.viewers or gen.finished or gen.grace is not None:
+            return
+        if watched:  # a reader moved to another instance: look again later
+            delay = max(self.resume_grace_s, self.presence.ttl_ms / 1000)
+            gen.grace = asyncio.get_running_loop().call_later(delay, self._abandon, gen)
+        else:
             self.cancel(gen, "abandoned")
 
     def cancel(self, gen: Generation, reason: str = "cancelled") -> bool:

@@ -7,6 +7,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from ..app import Application
 from ..context import Context
 from ..errors import HTTPError
@@ -168,6 +170,10 @@ def register(app: Application, ctx: Context) -> None:
         await hub.subscribe(Subscription(stream, (topic,)), last)
         if hub.is_closed(topic):
             stream.finish("complete")
+        elif (presence := generations.presence) is not None and stream.open:
+            # Tell the producing instance that this reader still watches.
+            presence.follow(gen_id)
+            stream.on_close(lambda _stream: presence.unfollow(gen_id))
         return True
 
     async def try_resume(request: Request, stream: EventStream, *, throttle: bool) -> bool:
@@ -225,10 +231,27 @@ def register(app: Application, ctx: Context) -> None:
             return
         await generations.join(gen, stream, None, throttle=False)
 
+    async def cancel_elsewhere(gen_id: str, stream: EventStream) -> None:
+        """A generation another instance runs (its events are in the hub's mirror)."""
+        topic = topic_of(gen_id)
+        presence = generations.presence
+        if presence is None or not ctx.hub.held(topic):
+            raise HTTPError(404, "not_found", "no such generation")
+        if ctx.hub.is_closed(topic):
+            stream.respond_json(200, {"id": gen_id, "cancelled": False})
+            return
+        try:
+            await presence.send_cancel(gen_id)
+        except (ConnectionError, OSError, RedisError) as exc:
+            raise HTTPError(503, "hub_unavailable", "cannot reach the hub") from exc
+        stream.respond_json(200, {"id": gen_id, "cancelled": True})
+
     @app.route(["POST"], "/v1/streams/{id}/cancel")
     async def stream_cancel(request: Request, stream: EventStream) -> None:
-        gen = generations.get(request.params["id"])
+        gen_id = request.params["id"]
+        gen = generations.get(gen_id)
         if gen is None:
-            raise HTTPError(404, "not_found", "no such generation")
+            await cancel_elsewhere(gen_id, stream)
+            return
         cancelled = generations.cancel(gen, "cancelled")
         stream.respond_json(200, {"id": gen.id, "cancelled": cancelled})

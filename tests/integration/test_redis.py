@@ -209,6 +209,33 @@ async def test_generation_started_on_a_resumes_on_b(tmp_path: Path) -> None:
         assert text_of(first) + text_of(rest) == "".join(token_text(i) for i in range(tokens))
 
 
+async def test_cancel_asked_of_b_stops_the_generation_on_a(tmp_path: Path) -> None:
+    """The Stop button's request may land on another instance than the generation."""
+    with redis_running(tmp_path / "redis") as redis, \
+            sseserver_running(tmp_path, *server_args(redis), name="a") as a, \
+            sseserver_running(tmp_path, *server_args(redis), name="b") as b:
+        client, resp, reader = await open_stream(a.port, "/v1/stream?tokens=100000&interval_ms=20")
+        async with client:
+            assert resp.status == 200
+            await reader.until(lambda r: len(r.parser.events) >= 3)
+            gen_id = json.loads(reader.parser.events[0].data)["id"]
+            # B knows the generation once its first events have come through Redis.
+            for _ in range(200):
+                answer = await request(b.port, "POST", f"/v1/streams/{gen_id}/cancel")
+                if answer.status != 404:
+                    break
+                await asyncio.sleep(0.02)
+            assert answer.status == 200, answer.body
+            assert json.loads(answer.body) == {"id": gen_id, "cancelled": True}
+            rest = await reader.rest(within=10)
+        errors = [json.loads(e.data) for e in rest if e.type == "error"]
+        assert [e["code"] for e in errors] == ["cancelled"]
+        assert rest[-1].data == "[DONE]"
+        # An id nobody runs is still a 404.
+        missing = await request(b.port, "POST", "/v1/streams/nope/cancel")
+        assert missing.status == 404
+
+
 # -- Redis going away under load ---------------------------------------------------------
 
 

@@ -319,7 +319,7 @@ def _bad_hs256_tokens() -> list[tuple[str, str]]:
         ("alg_none_with_sig", handmade("none", {"sub": "admin"}, SECRET.encode())),
         ("expired", hs256({"exp": now - 60})),
         ("expired_past_leeway", hs256({"exp": now - 10})),
-        ("nbf_future", hs256({"nbf": now + 120})),
+        ("nbf_future", hs256({"nbf": now + 86_400})),  # made at collection time
         ("sub_not_string", jwt.encode({"sub": 7}, SECRET, algorithm="HS256")),
     ]
 
