@@ -46,8 +46,13 @@ def parse_event_id(event_id: str | None) -> tuple[str, int] | None:
     return gen, int(seq)
 
 
-def _json(obj: object) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_json_string = json.encoder.encode_basestring  # type: ignore[attr-defined]  # C, as above
+
+
+def _text_payload(text: str) -> str:
+    """``{"text": ...}`` for one delta, as ``_json`` writes it, without its overhead."""
+    return '{"text":' + _json_string(text) + "}"
 
 
 @dataclass(slots=True, eq=False)
@@ -264,9 +269,11 @@ class Generations:
                         gen.ttft_ms = (first_at - gen.started_at) * 1000
                         self._notify(gen, "first_token")
                     gen.tokens += 1
-                    self._publish(gen, _json({"text": delta.text}))
-                    if gen.throttlers:
-                        await self._wait_for_readers(gen)
+                    self._publish(gen, _text_payload(delta.text))
+                    for reader in gen.throttlers:
+                        if reader.paused:
+                            await self._wait_for_readers(gen)
+                            break
         except ProviderError as exc:
             error = {"code": exc.code, "message": exc.message, "retryable": exc.retryable}
             if exc.retry_after_s is not None:

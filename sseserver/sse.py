@@ -46,6 +46,18 @@ def encode_event(
         ValueError: ``id``/``event`` holds a line break, ``id`` holds NUL, ``retry`` is
             negative, or nothing at all would be written.
     """
+    if comment is None and retry is None and data is not None and (
+        "\n" not in data and "\r" not in data
+    ):
+        # The hot path (every token of every stream): one data line, no list to join.
+        head = ""
+        if id is not None:
+            _check_field("id", id)
+            head = f"id: {id}\n"
+        if event is not None:
+            _check_field("event", event)
+            head += f"event: {event}\n"
+        return f"{head}data: {data}\n\n".encode()
     parts: list[str] = []
     if comment is not None:
         parts.extend(f": {line}\n" if line else ":\n" for line in _lines(comment))

@@ -20,9 +20,11 @@ from ..stream import EventStream
 EARLIEST = "earliest"  # Mercure's reserved Last-Event-ID: replay everything held
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Update:
-    """One published event. ``seq`` orders updates within one hub (or Redis stream)."""
+    """One published event. ``seq`` orders updates within one hub (or Redis stream).
+    Treat as immutable (not frozen: a frozen init costs a setattr call per field, paid
+    for every token)."""
 
     topics: tuple[str, ...]
     id: str

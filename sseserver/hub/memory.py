@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Iterable
 
 from .base import EARLIEST, Subscription, Update, build_frame
+
+EXPIRE_EVERY = 63  # look for aged history once per 64 updates (a bit mask)
 
 
 class MemoryHub:
@@ -20,7 +22,9 @@ class MemoryHub:
     def __init__(self, history: int = 1000, history_age_s: float = 3600.0) -> None:
         self.history = history
         self.history_age_s = history_age_s
-        self._topics: OrderedDict[str, deque[Update]] = OrderedDict()
+        # Per topic, oldest first. A list, not a deque: most topics (generations) hold a few
+        # updates, and an empty deque alone costs a 64-slot block (~600 bytes).
+        self._topics: OrderedDict[str, list[Update]] = OrderedDict()
         self._by_id: dict[str, Update] = {}
         self._exact: dict[str, set[Subscription]] = {}
         self._wild: set[Subscription] = set()
@@ -52,7 +56,7 @@ class MemoryHub:
         final: bool = False,
     ) -> Update:
         """Encode and frame once. Raises ValueError for an invalid id, event or topic."""
-        if not topics or any(not t for t in topics):
+        if not topics or not all(topics):
             raise ValueError("an update needs at least one non-empty topic")
         event_id = id if id is not None else f"urn:uuid:{uuid.uuid4()}"
         if event_id == EARLIEST:
@@ -114,14 +118,15 @@ class MemoryHub:
         key = update.topics[0]
         held = topics.get(key)
         if held is None:
-            held = topics[key] = deque()
+            held = topics[key] = []
         else:
             topics.move_to_end(key)
         if len(held) >= self.history:
-            by_id.pop(held.popleft().id, None)
+            by_id.pop(held.pop(0).id, None)  # a memmove of ``history`` pointers
         held.append(update)
         by_id[update.id] = update
-        self._expire(update.at)
+        if not update.seq & EXPIRE_EVERY:  # amortised: the age limit is not that exact
+            self._expire(update.at)
 
     def _expire(self, now: float) -> None:
         """Drop history older than the age limit, oldest topics first (amortised O(1))."""
@@ -129,8 +134,7 @@ class MemoryHub:
         topics = self._topics
         while topics:
             key, held = next(iter(topics.items()))
-            while held and held[0].at < horizon:
-                self._by_id.pop(held.popleft().id, None)
+            self._trim(held, horizon)
             if held:
                 break
             del topics[key]
@@ -141,11 +145,16 @@ class MemoryHub:
                 break
             del closed[topic]
 
-    def _trim(self, held: deque[Update], horizon: float) -> None:
+    def _trim(self, held: list[Update], horizon: float) -> None:
         """Drop one topic's updates older than the age limit (any topic, not just the
         one least recently published to, which is all ``_expire`` looks at)."""
-        while held and held[0].at < horizon:
-            self._by_id.pop(held.popleft().id, None)
+        if not held or held[0].at >= horizon:
+            return
+        cut = 0
+        while cut < len(held) and held[cut].at < horizon:
+            self._by_id.pop(held[cut].id, None)
+            cut += 1
+        del held[:cut]
 
     # -- subscribing -------------------------------------------------------------------
 
@@ -166,7 +175,7 @@ class MemoryHub:
         if last_event_id == EARLIEST:
             after = 0
         else:
-            anchor = self._by_id.get(last_event_id)
+            anchor = self.get(last_event_id)
             if anchor is None:
                 return [], False
             after = anchor.seq
@@ -216,18 +225,28 @@ class MemoryHub:
     # -- lookups and closing ------------------------------------------------------------
 
     def get(self, event_id: str) -> Update | None:
-        return self._by_id.get(event_id)
+        update = self._by_id.get(event_id)
+        if update is not None and update.at < time.monotonic() - self.history_age_s:
+            return None  # aged out, not yet swept (sweeps are amortised)
+        return update
 
     def last_id(self, topic: str | None = None) -> str | None:
         if topic is None:
             if not self._by_id:
                 return None
             return next(reversed(self._by_id))
-        held = self._topics.get(topic)
+        held = self._young(topic)
         return held[-1].id if held else None
 
     def held(self, topic: str) -> list[Update]:
-        return list(self._topics.get(topic, ()))
+        return list(self._young(topic))
+
+    def _young(self, topic: str) -> list[Update]:
+        held = self._topics.get(topic)
+        if held is None:
+            return []
+        self._trim(held, time.monotonic() - self.history_age_s)
+        return held
 
     def is_closed(self, topic: str) -> bool:
         return topic in self._closed

@@ -287,7 +287,9 @@ class Failure:
     retryable: bool
     retry_after_s: float | None = None
     before: int = 0  # tokens streamed before the failure
-    closes: bool = False  # the upstream connection must end up closed (not pooled)
+    # The upstream connection must end up closed: an answer abandoned before its end
+    # cannot carry another request, so it must not go back to the pool either.
+    closes: bool = False
 
     def code_for(self, provider: str) -> str:
         return self.code if isinstance(self.code, str) else self.code[provider]
@@ -305,8 +307,13 @@ FAILURES = [
     Failure("stall", "fail=stall after=2", "upstream_timeout", True, before=2, closes=True),
     Failure("drop", "fail=drop after=2", "upstream_connection_error", True, before=2, closes=True),
     Failure("drop-at-once", "fail=drop after=0", "upstream_connection_error", True, closes=True),
-    Failure("malformed", "fail=malformed after=1", "upstream_protocol_error", False, before=1),
-    Failure("shape", "fail=shape after=1", "upstream_protocol_error", False, before=1),
+    Failure(
+        "malformed", "fail=malformed after=1", "upstream_protocol_error", False, before=1,
+        closes=True,
+    ),
+    Failure(
+        "shape", "fail=shape after=1", "upstream_protocol_error", False, before=1, closes=True
+    ),
     # An in-stream {"error": ...} event: the Gemini SDK reads it as an HTTP 500 APIError.
     Failure(
         "error-event",
@@ -314,6 +321,7 @@ FAILURES = [
         {"openai": "upstream_error", "gemini": "upstream_500"},
         retryable=True,
         before=1,
+        closes=True,
     ),
 ]
 
@@ -418,8 +426,14 @@ async def test_no_upstream_call_left_in_flight_after_failures(
         "no request in flight, at most one idle pooled connection",
     )
     open_ids = {c["id"] for c in stats["connections"] if c["closed_at"] is None}
-    busy = {r["connection"] for r in stats["requests"] if r["answering"]}
-    assert not open_ids & busy
+    print(f"\n[after failures] {provider}: {len(open_ids)} idle pooled connection(s) open")
+    # An open connection's last request got a complete answer (success or error status),
+    # never one of the failures that abandon an answer mid-way.
+    abandoning = {f.directive.split()[0] for f in FAILURES if f.closes}
+    for conn_id in open_ids:
+        last = [r for r in stats["requests"] if r["connection"] == conn_id][-1]
+        assert not last["answering"], last
+        assert not any(d in last["body"] for d in abandoning), last
 
 
 # -- 3. cancellation, measured at the upstream's socket ------------------------------------
@@ -560,6 +574,7 @@ async def test_cancel_endpoint_closes_upstream_within_100ms(
 @pytest.mark.parametrize(
     ("model", "provider", "upstream_model"),
     [("openai/e2e-gpt", "openai", "e2e-gpt"), ("gemini/e2e-gemini", "gemini", "e2e-gemini")],
+    ids=PROVIDERS,
 )
 async def test_openai_sdk_streams_chat_completions_from_each_provider(
     model: str,
