@@ -83,14 +83,10 @@ def build(config: Config, environ: Mapping[str, str] | None = None) -> tuple[App
 
 def observe_generation(metrics: Metrics) -> Callable[[Generation, str], None]:
     def observe(gen: Generation, what: str) -> None:
-        provider = gen.provider.name
         if what == "first_token" and gen.ttft_ms is not None:
-            metrics.ttft.labels(provider).observe(gen.ttft_ms / 1000)
+            metrics.first_token(gen.provider.name, gen.ttft_ms / 1000)
         elif what == "end":
-            metrics.tokens.labels(provider).inc(gen.tokens)
-            metrics.generations.labels(provider, gen.error_code or "complete").inc()
-            if gen.error_code and gen.error_code not in ("cancelled", "abandoned", "shutdown"):
-                metrics.upstream_errors.labels(provider, gen.error_code).inc()
+            metrics.generation_ended(gen.provider.name, gen.tokens, gen.error_code)
 
     return observe
 

@@ -73,6 +73,15 @@ class Metrics:
             "sseserver_auth_failures", "Requests refused 401/403", ["status"], registry=r
         )
 
+    def first_token(self, provider: str, ttft_s: float) -> None:
+        self.ttft.labels(provider).observe(ttft_s)
+
+    def generation_ended(self, provider: str, tokens: int, error_code: str | None) -> None:
+        self.tokens.labels(provider).inc(tokens)
+        self.generations.labels(provider, error_code or "complete").inc()
+        if error_code and error_code not in ("cancelled", "abandoned", "shutdown"):
+            self.upstream_errors.labels(provider, error_code).inc()
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text; summed over workers in multi-process mode."""
         if os.environ.get(MULTIPROC_ENV):

@@ -19,7 +19,8 @@ from typing import Any
 from ..app import Application
 from ..context import Context
 from ..errors import HTTPError, error_body
-from ..providers.base import Delta, GenerationRequest, Message, Provider, ProviderError, Usage
+from ..metrics import Metrics
+from ..providers.base import Delta, Message, Provider, ProviderError, Usage
 from ..stream import EventStream, Request
 from .streams import build_request, json_body, parse_messages
 
@@ -58,6 +59,51 @@ def _pick_provider(ctx: Context, body: dict[str, Any]) -> tuple[Any, Any]:
     return provider, model
 
 
+class _Tally:
+    """TTFT and token counts of one compat stream, for its access line and the metrics
+    (these streams are not generations, which count themselves)."""
+
+    __slots__ = ("metrics", "provider", "stream", "tokens", "ttft_ms")
+
+    def __init__(self, metrics: Metrics, provider: Provider, stream: EventStream) -> None:
+        self.metrics = metrics
+        self.provider = provider.name
+        self.stream = stream
+        self.tokens = 0
+        self.ttft_ms: float | None = None
+
+    def delta(self, delta: Delta) -> None:
+        if not delta.text:
+            return
+        self.tokens += 1
+        if self.ttft_ms is None:
+            ttft_s = time.monotonic() - self.stream.request.received_at
+            self.ttft_ms = round(ttft_s * 1000, 2)
+            self.stream.log["ttft_ms"] = self.ttft_ms
+            self.metrics.first_token(self.provider, ttft_s)
+
+    def end(self, error_code: str | None = None) -> None:
+        self.stream.log["tokens"] = self.tokens
+        if error_code is not None and not self.stream.close_reason:
+            self.stream.close_reason = error_code
+        self.metrics.generation_ended(self.provider, self.tokens, error_code)
+
+    async def watch(self, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+        """Pass ``deltas`` through, counting them; ends the tally however they end."""
+        error: str | None = "abandoned"  # the reader stopped early (client gone)
+        try:
+            async with aclosing(deltas) as inner:  # type: ignore[type-var]
+                async for delta in inner:
+                    self.delta(delta)
+                    yield delta
+            error = None
+        except ProviderError as exc:
+            error = exc.code
+            raise
+        finally:
+            self.end(error)
+
+
 async def _first(deltas: AsyncIterator[Delta]) -> Delta | None:
     """The first delta with text (or the last one), so the head can wait for it."""
     async for delta in deltas:
@@ -87,15 +133,15 @@ def register(app: Application, ctx: Context) -> None:
             opts = body.get("stream_options") or {}
             await _openai_stream(
                 stream,
-                provider,
-                gen,
+                _Tally(ctx.metrics, provider, stream).watch(provider.stream(gen)),
                 completion_id,
                 created,
                 model_name,
                 include_usage=bool(isinstance(opts, dict) and opts.get("include_usage")),
             )
         else:
-            await _openai_whole(stream, provider, gen, completion_id, created, model_name)
+            deltas = _Tally(ctx.metrics, provider, stream).watch(provider.stream(gen))
+            await _openai_whole(stream, deltas, completion_id, created, model_name)
 
     @app.route(["POST"], "/v1/chat")
     async def ui_chat(request: Request, stream: EventStream) -> None:
@@ -104,7 +150,7 @@ def register(app: Application, ctx: Context) -> None:
         messages = _ui_messages(body.get("messages"))
         params = body.get("params") if isinstance(body.get("params"), dict) else {}
         provider, gen = build_request(ctx, provider_name, model, messages, params or {})
-        await _ui_stream(stream, provider, gen)
+        await _ui_stream(stream, _Tally(ctx.metrics, provider, stream).watch(provider.stream(gen)))
 
 
 def _ui_messages(raw: Any) -> tuple[Message, ...]:
@@ -152,15 +198,14 @@ def _usage(usage: Usage | None) -> dict[str, int]:
 
 async def _openai_stream(
     stream: EventStream,
-    provider: Provider,
-    gen: GenerationRequest,
+    source: AsyncIterator[Delta],
     cid: str,
     created: int,
     model: str,
     *,
     include_usage: bool,
 ) -> None:
-    async with aclosing(provider.stream(gen)) as deltas:  # type: ignore[type-var]
+    async with aclosing(source) as deltas:  # type: ignore[type-var]
         try:
             first = await _first(deltas)
         except ProviderError as exc:
@@ -202,8 +247,7 @@ async def _openai_stream(
 
 async def _openai_whole(
     stream: EventStream,
-    provider: Provider,
-    gen: GenerationRequest,
+    source: AsyncIterator[Delta],
     cid: str,
     created: int,
     model: str,
@@ -212,7 +256,7 @@ async def _openai_whole(
     usage: Usage | None = None
     finish = "stop"
     try:
-        async with aclosing(provider.stream(gen)) as deltas:  # type: ignore[type-var]
+        async with aclosing(source) as deltas:  # type: ignore[type-var]
             async for delta in deltas:
                 parts.append(delta.text)
                 usage = delta.usage or usage
@@ -238,8 +282,8 @@ async def _openai_whole(
     )
 
 
-async def _ui_stream(stream: EventStream, provider: Provider, gen: GenerationRequest) -> None:
-    async with aclosing(provider.stream(gen)) as deltas:  # type: ignore[type-var]
+async def _ui_stream(stream: EventStream, source: AsyncIterator[Delta]) -> None:
+    async with aclosing(source) as deltas:  # type: ignore[type-var]
         try:
             first = await _first(deltas)
         except ProviderError as exc:

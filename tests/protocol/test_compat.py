@@ -377,3 +377,32 @@ async def test_vercel_bad_body_400(body: dict[str, Any]) -> None:
     assert resp.status_code == 400, resp.text
     assert resp.headers["content-type"].startswith("application/json")
     assert resp.json()["error"]["code"] == "bad_request"
+
+
+def _sample(metrics_text: str, name: str) -> float:
+    """The value of one exposition line (``name`` includes its labels)."""
+    for line in metrics_text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_compat_streams_are_counted_and_logged() -> None:
+    """/v1/chat and /v1/chat/completions are not generations, but they count alike."""
+    async with sdk() as (client, server):
+        _, parts = await _ui_stream(server.port, use_chat_body(params={"tokens": 4}))
+        assert parts[-1] == "[DONE]"
+        chunks = await client.chat.completions.create(
+            model="synthetic-1",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            extra_body={"sseserver": {"tokens": 3, "interval_ms": 0}},
+        )
+        async for _ in chunks:
+            pass
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"http://127.0.0.1:{server.port}/metrics")).text
+    assert _sample(text, 'sseserver_tokens_total{provider="synthetic"}') == 7, text
+    complete = 'sseserver_generations_total{outcome="complete",provider="synthetic"}'
+    assert _sample(text, complete) == 2, text
+    assert _sample(text, 'sseserver_ttft_seconds_count{provider="synthetic"}') == 2, text
