@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
@@ -23,6 +24,7 @@ from urllib.parse import unquote
 
 import h11
 
+from .chunked import frame
 from .config import Config
 from .errors import ClientGone, HTTPError, error_body
 from .flow import FlowControl
@@ -65,6 +67,10 @@ def _canned(status: int, code: str, message: str, extra: bytes = b"") -> bytes:
         b"%bconnection: close\r\n\r\n%b" % (status, _REASONS[status], len(body), extra, body)
     )
 
+
+# The headers h11 must see to frame the body and decide keep-alive; it gets only these.
+FRAMING_HEADERS = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+_UNSAFE_HEADER = re.compile(rb"[\r\n\x00]")
 
 OVERLOADED = _canned(503, "overloaded", "too many open connections", b"retry-after: 1\r\n")
 SHUTTING_DOWN = _canned(503, "shutting_down", "server is shutting down", b"retry-after: 1\r\n")
@@ -334,29 +340,57 @@ class HTTPProtocol(asyncio.Protocol):
 
     # -- Channel (used by EventStream) --------------------------------------------------
 
-    def send_head(self, status: int, headers: HeaderList) -> bool:
-        """Write the response head through h11. Returns True when the body is chunked."""
-        headers.append((b"date", _DateHeader.get()))
-        headers.append((b"server", b"sseserver"))
+    def send_head(
+        self, status: int, headers: HeaderList, body: bytes = b"", preamble: bytes = b""
+    ) -> bool:
+        """Write the response head, and with it in the same write a Content-Length
+        ``body`` or a stream's first bytes (``preamble``, framed here). Returns True when
+        the body is chunked.
+
+        h11 sees only the headers that decide framing and keep-alive (it validates every
+        header it is given, twice, which costs more than the rest of a request); it
+        writes the status line and those, and the other headers, checked here against
+        line breaks and NUL, go in before the blank line.
+        """
+        framing: HeaderList = []
+        rest = [b""]
+        for name, value in headers:
+            if name in FRAMING_HEADERS:
+                framing.append((name, value))
+            elif _UNSAFE_HEADER.search(name) or _UNSAFE_HEADER.search(value):
+                log.error("refusing a response header with a line break: %r", name)
+                self.close_connection(abort=True)
+                return False
+            else:
+                rest.append(b"%s: %s\r\n" % (name, value))
+        rest.append(b"date: %s\r\nserver: sseserver\r\n\r\n" % _DateHeader.get())
         response = h11.Response(
-            status_code=status, headers=headers, reason=_REASONS.get(status, b"")
+            status_code=status, headers=framing, reason=_REASONS.get(status, b"")
         )
+        conn = self._conn
         try:
-            data = self._conn.send(response)
+            head = conn.send(response)
+            if body:
+                body = conn.send(h11.Data(data=body)) or b""
         except h11.LocalProtocolError:
             log.exception("cannot send response head")
             self.close_connection(abort=True)
             return False
-        if self.transport is not None and data:
-            self.transport.write(data)
         request = self._request
-        return (
+        chunked = (
             request is not None
             and request.http_version == "1.1"
             and request.method != "HEAD"
             and 200 <= status
             and status not in (204, 304)
         )
+        transport = self.transport
+        if transport is not None and head:
+            rest[0] = head[:-2]  # h11's head without its blank line
+            if preamble:
+                body = frame(preamble) if chunked else preamble
+            transport.write(b"".join(rest) + body)
+        return chunked
 
     def send_body(self, body: bytes) -> None:
         """Write a Content-Length body through h11, which counts it for keep-alive."""

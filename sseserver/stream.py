@@ -33,6 +33,13 @@ PING = Frame.of(encode_comment("ping"))
 TOKEN_EXPIRED = encode_event(
     '{"code":"token_expired","message":"access token expired","retryable":true}', event="error"
 )
+# A stream's first bytes, by retry_ms (None: no retry field); it makes proxies flush the
+# head at once. The common ones are encoded once.
+PREAMBLES: dict[int | None, bytes] = {
+    None: encode_comment("stream open"),
+    0: encode_comment("stream open"),
+    2000: encode_event(retry=2000, comment="stream open"),
+}
 SLOW_GOODBYE = Frame.of(encode_comment("slow consumer: disconnecting, resume with Last-Event-ID"))
 
 STREAM_HEADERS: HeaderList = [
@@ -94,7 +101,9 @@ class Channel(Protocol):
     transport: asyncio.WriteTransport | None
     flow: FlowControl
 
-    def send_head(self, status: int, headers: HeaderList) -> bool: ...
+    def send_head(
+        self, status: int, headers: HeaderList, body: bytes = b"", preamble: bytes = b""
+    ) -> bool: ...
     def send_body(self, body: bytes) -> None: ...
     def end_response(self) -> None: ...
     def close_connection(self, abort: bool = False) -> None: ...
@@ -170,10 +179,10 @@ class EventStream:
             head.append((b"content-length", str(len(body)).encode()))
         self.status = status
         self.state = "done"
-        self._channel.send_head(status, head)
-        if body and self.request.method != "HEAD":
-            self._channel.send_body(body)
-            self.bytes_sent += len(body)
+        if self.request.method == "HEAD":
+            body = b""
+        self._channel.send_head(status, head, body)
+        self.bytes_sent += len(body)
         self._channel.end_response()
 
     def respond_json(
@@ -204,22 +213,25 @@ class EventStream:
         head.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers)
         head.extend(self.extra_headers)
         self.status = status
-        self._chunked = self._channel.send_head(status, head)
-        if self.request.method == "HEAD" or self._channel.transport is None:
+        if self.request.method == "HEAD":
+            self._channel.send_head(status, head)
+            self.state = "done"
+            self._channel.end_response()
+            return False
+        preamble = PREAMBLES.get(retry_ms)
+        if preamble is None:
+            preamble = encode_event(retry=retry_ms, comment="stream open")
+        self._chunked = self._channel.send_head(status, head, preamble=preamble)
+        if self._channel.transport is None:
             self.state = "done"
             self._channel.end_response()
             return False
         self.state = "streaming"
+        self.bytes_sent += len(preamble)
         self._registry.add(self)
         limit = self._registry.deadline()
         if limit and (not self.deadline or limit < self.deadline):
             self.deadline, self.deadline_reason = limit, "max_duration"
-        preamble = (
-            encode_event(retry=retry_ms, comment="stream open")
-            if retry_ms
-            else (encode_comment("stream open"))
-        )
-        self.write(preamble)
         return True
 
     def write(self, payload: bytes) -> None:

@@ -183,8 +183,12 @@ class FakeChannel:
         self.bodies: list[bytes] = []
         self.ended = 0
 
-    def send_head(self, status: int, headers: HeaderList) -> bool:
+    def send_head(
+        self, status: int, headers: HeaderList, body: bytes = b"", preamble: bytes = b""
+    ) -> bool:
         self.heads.append((status, list(headers)))
+        if body:
+            self.bodies.append(body)
         return False
 
     def send_body(self, body: bytes) -> None:
