@@ -6,11 +6,13 @@ subscriber, so a subscriber never misses nor doubles an update published meanwhi
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
 
+from ..chunked import Frame
 from .base import EARLIEST, Subscription, Update, build_frame
 
 EXPIRE_EVERY = 63  # look for aged history once per 64 updates (a bit mask)
@@ -30,6 +32,7 @@ class MemoryHub:
         self._wild: set[Subscription] = set()
         self._closed: dict[str, float] = {}  # topic -> when it was closed (generations)
         self._seq = 0
+        self._pending: list[Update] = []  # published, not yet written (dispatch_soon)
         self.deliveries = 0
 
     async def start(self) -> None:
@@ -80,17 +83,61 @@ class MemoryHub:
         private: bool = False,
     ) -> str:
         update = self.make_update(topics, data, id=id, event=event, retry=retry, private=private)
-        self.dispatch(update)
+        self.dispatch_soon(update)
+        await asyncio.sleep(0)  # the flush runs first: written when this returns
         return update.id
 
     def dispatch(self, update: Update) -> None:
-        """Keep ``update`` in history and write its frame to every subscriber that wants
-        it (the same bytes object to all)."""
+        """Keep ``update`` in history and write its frame now to every subscriber that
+        wants it (the same bytes object to all). The token path: no added latency."""
+        if self._pending:
+            self.flush()  # what was published before goes out before
         self._remember(update)
-        frame = update.frame
+        self._deliver(update, update.frame, 1)
+
+    def dispatch_soon(self, update: Update) -> None:
+        """Keep ``update`` in history now; write it at the end of this loop iteration,
+        with whatever else is published to the same topics meanwhile, as one write per
+        subscriber (bursts of publishes cost one syscall per reader, not one per event).
+        Every read of history or subscriber set flushes first, so nothing is seen twice
+        or missed."""
+        self._remember(update)
+        self._pending.append(update)
+        if len(self._pending) == 1:
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write the updates held by ``dispatch_soon``: consecutive updates for the same
+        topics (and privacy) share their readers, so they go out joined."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        run: list[Update] = []
+        for update in pending:
+            if run and (update.topics != run[0].topics or update.private != run[0].private):
+                self._deliver_run(run)
+                run = []
+            run.append(update)
+            if update.final:  # the topic ends here; later updates must not join it
+                self._deliver_run(run)
+                run = []
+        if run:
+            self._deliver_run(run)
+
+    def _deliver_run(self, run: list[Update]) -> None:
+        if len(run) == 1:
+            self._deliver(run[0], run[0].frame, 1)
+            return
+        joined = Frame(
+            b"".join(u.frame.raw for u in run), b"".join(u.frame.chunked for u in run)
+        )
+        self._deliver(run[-1], joined, len(run))
+
+    def _deliver(self, update: Update, frame: Frame, count: int) -> None:
         for target in self._targets(update):
             if target.stream.write_frame(frame):
-                self.deliveries += 1
+                self.deliveries += count
         if update.final:
             self.close_topic(update.topic)
 
@@ -163,6 +210,8 @@ class MemoryHub:
         that id was found (``earliest`` always is)."""
         if last_event_id is None:
             return [], True
+        if self._pending:
+            self.flush()
         now = time.monotonic()
         self._expire(now)
         horizon = now - self.history_age_s
@@ -189,6 +238,8 @@ class MemoryHub:
         return [found[k] for k in sorted(found)], True
 
     def attach(self, sub: Subscription) -> None:
+        if self._pending:
+            self.flush()  # updates published before this subscriber are not its own
         if sub.exact:
             for topic in sub.selectors:
                 self._exact.setdefault(topic, set()).add(sub)
@@ -254,6 +305,8 @@ class MemoryHub:
     def close_topic(self, topic: str, reason: str = "complete") -> None:
         """End the streams of everyone subscribed to exactly ``topic`` (a finished
         generation); they may keep their connections for another request."""
+        if self._pending:
+            self.flush()
         self._closed.pop(topic, None)
         self._closed[topic] = time.monotonic()
         for sub in tuple(self._exact.get(topic, ())):
@@ -261,6 +314,7 @@ class MemoryHub:
                 sub.stream.finish(reason)
 
     def close_all(self, reason: str = "shutdown") -> None:
+        self.flush()
         subs = [s for group in self._exact.values() for s in group]
         subs.extend(self._wild)
         for sub in subs:

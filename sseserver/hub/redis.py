@@ -152,7 +152,8 @@ class RedisHub(MemoryHub):
             )
         except CONNECTION_ERRORS as exc:
             raise ConnectionError(f"redis unavailable: {exc}") from exc
-        super().dispatch(update)
+        super().dispatch_soon(update)
+        await asyncio.sleep(0)  # the flush runs first: written when this returns
         return update.id
 
     def dispatch(self, update: Update) -> None:
@@ -229,4 +230,4 @@ class RedisHub(MemoryHub):
                         continue
                     update = self._decode(raw)
                     if update is not None:
-                        super().dispatch(update)
+                        super().dispatch_soon(update)  # a batch read goes out joined

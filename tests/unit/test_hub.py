@@ -8,6 +8,7 @@ them, so identity (``is``) shows that an update is encoded and framed once.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -513,3 +514,37 @@ def test_resume_equals_live_suffix(
     assert set(got) <= set(seen_after)
     still_held = {u.id for t in ("a", "b", "c") for u in hub.held(t)}
     assert set(got) == set(seen_after) & still_held
+
+
+async def test_a_burst_of_publishes_goes_out_as_one_write_per_subscriber() -> None:
+    """Publishes of one loop iteration to the same topic are joined: one write (one
+    syscall) per reader carries them all, in order, counted as separate deliveries."""
+    hub = MemoryHub()
+    readers = [(await attach(hub, "t"))[0] for _ in range(3)]
+    other, _, _ = await attach(hub, "u")
+    ids = await asyncio.gather(
+        *(hub.publish(("t",), f"d{i}", id=f"b{i}") for i in range(5)),
+        hub.publish(("u",), "x", id="u0"),
+    )
+    assert ids == ["b0", "b1", "b2", "b3", "b4", "u0"]
+    for reader in readers:
+        (joined,) = reader.frames
+        assert joined is readers[0].frames[0]  # the same bytes object for every reader
+        frames = [hub.held("t")[i].frame for i in range(5)]
+        assert joined.raw == b"".join(f.raw for f in frames)
+        assert joined.chunked == b"".join(f.chunked for f in frames)
+    assert other.ids == ["u0"]
+    assert hub.deliveries == 3 * 5 + 1
+
+
+async def test_subscriber_arriving_before_the_flush_gets_each_update_once() -> None:
+    """An update held for the end of the iteration is already history: a subscriber
+    that replays it must not get it a second time from the flush."""
+    hub = MemoryHub()
+    early, _, _ = await attach(hub, "t")
+    update = hub.make_update(("t",), "d", id="held")
+    hub.dispatch_soon(update)
+    late, _, _ = await attach(hub, "t", last_event_id=EARLIEST)
+    await asyncio.sleep(0)  # the scheduled flush runs (and finds nothing left)
+    assert early.ids == ["held"]
+    assert late.ids == ["held"]
