@@ -314,6 +314,7 @@ class HTTPProtocol(asyncio.Protocol):
             if not stream.detached or not stream.open:
                 self._log_access(stream)
             if stream.detached and stream.open:
+                stream.request.release()
                 stream.on_close(self._log_access)
 
     def _log_access(self, stream: EventStream) -> None:

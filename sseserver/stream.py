@@ -94,6 +94,14 @@ class Request:
         """The body parsed as JSON. Raises ValueError when it is not."""
         return json.loads(self.body)
 
+    def release(self) -> None:
+        """Drop what only the handler needed (headers, body, parsed query): a stream
+        that outlives its handler keeps just what its log line names. Browsers send a
+        dozen headers, a kilobyte or two that thousands of idle streams would hold."""
+        self.headers = []
+        self.body = b""
+        self._query = None
+
 
 class Channel(Protocol):
     """What a stream needs of its connection (implemented by ``HTTPProtocol``)."""
@@ -222,6 +230,7 @@ class EventStream:
         if preamble is None:
             preamble = encode_event(retry=retry_ms, comment="stream open")
         self._chunked = self._channel.send_head(status, head, preamble=preamble)
+        self.extra_headers = []  # sent; a long-lived stream need not hold them
         if self._channel.transport is None:
             self.state = "done"
             self._channel.end_response()

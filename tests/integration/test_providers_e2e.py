@@ -24,6 +24,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,6 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
-from tests.conftest import free_port
 from tests.integration.nginx import Nginx, deploy_config, nginx_running
 from tests.integration.redis_server import ServerProcess, sseserver_running
 from tests.integration.upstream_procs import UpstreamProcess, start_upstream
@@ -89,10 +89,12 @@ def server(
 def unreachable_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A sseserver whose providers point at loopback ports where nothing listens."""
     folder = tmp_path_factory.mktemp("unreachable")
-    openai_port, gemini_port = closed_port(), closed_port()
-    args = _server_args(f"http://127.0.0.1:{openai_port}/v1", f"http://127.0.0.1:{gemini_port}/")
-    with sseserver_running(folder, *args, name="unreachable") as proc:
-        yield proc
+    with closed_port() as openai_port, closed_port() as gemini_port:
+        args = _server_args(
+            f"http://127.0.0.1:{openai_port}/v1", f"http://127.0.0.1:{gemini_port}/"
+        )
+        with sseserver_running(folder, *args, name="unreachable") as proc:
+            yield proc
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +107,16 @@ def nginx(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> It
         yield nx
 
 
-def closed_port() -> int:
-    """A loopback port that refuses connections (bound once, released, never listened)."""
-    port = free_port()
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", port)) != 0, f"something listens on {port}"
-    return port
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections: bound and held, never listened on, so
+    no other process (another test's server) can take it meanwhile."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0, f"something listens on {port}"
+        yield port
 
 
 # -- the fakes' records --------------------------------------------------------------------
