@@ -64,7 +64,6 @@ class Generation:
     started_at: float  # time.monotonic() when the request arrived: TTFT counts from here
     seq: int = -1
     viewers: set[EventStream] = field(default_factory=set)
-    throttlers: set[EventStream] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
     finished: bool = False
     cancel_reason: str | None = None
@@ -72,10 +71,14 @@ class Generation:
     tokens: int = 0
     error_code: str | None = None
     grace: asyncio.TimerHandle | None = None
+    topics: tuple[str, ...] = field(init=False)  # (its topic,), built once: every token
+
+    def __post_init__(self) -> None:
+        self.topics = (topic_of(self.id),)
 
     @property
     def topic(self) -> str:
-        return topic_of(self.id)
+        return self.topics[0]
 
     @property
     def last_seq(self) -> int:
@@ -162,7 +165,7 @@ class Generations:
         follow it live. Returns False when some of the replay is no longer held."""
         stream.log["generation"] = gen.id
         last_id = None if after_seq is None else f"{gen.id}:{after_seq}"
-        sub = Subscription(stream, (gen.topic,))
+        sub = Subscription(stream, gen.topics)
         if after_seq is None:
             for update in self.hub.held(gen.topic):
                 stream.write_frame(update.frame)
@@ -182,11 +185,9 @@ class Generations:
         self, gen: Generation, stream: EventStream, *, throttle: bool, subscribed: bool = False
     ) -> None:
         if not subscribed:
-            self.hub.attach(Subscription(stream, (gen.topic,)))
+            self.hub.attach(Subscription(stream, gen.topics))
         stream.on_full = "wait" if throttle else "drop"
         gen.viewers.add(stream)
-        if throttle:
-            gen.throttlers.add(stream)
         if gen.grace is not None:
             gen.grace.cancel()
             gen.grace = None
@@ -198,7 +199,6 @@ class Generations:
             stream.log.setdefault("ttft_ms", round(gen.ttft_ms, 2))
         stream.log.setdefault("tokens", gen.tokens)
         gen.viewers.discard(stream)
-        gen.throttlers.discard(stream)
         if gen.viewers or gen.finished:
             return
         if self.resume_grace_s > 0:
@@ -244,13 +244,13 @@ class Generations:
     ) -> None:
         gen.seq += 1
         update = self.hub.make_update(
-            (gen.topic,), data, id=f"{gen.id}:{gen.seq}", event=event, final=final
+            gen.topics, data, id=f"{gen.id}:{gen.seq}", event=event, final=final
         )
         self.hub.dispatch(update)
 
     async def _wait_for_readers(self, gen: Generation) -> None:
-        for stream in tuple(gen.throttlers):
-            if stream.paused:
+        for stream in tuple(gen.viewers):
+            if stream.paused and stream.on_full == "wait":
                 try:
                     await stream.drain()
                 except ClientGone:
@@ -270,8 +270,8 @@ class Generations:
                         self._notify(gen, "first_token")
                     gen.tokens += 1
                     self._publish(gen, _text_payload(delta.text))
-                    for reader in gen.throttlers:
-                        if reader.paused:
+                    for reader in gen.viewers:  # a paused throttler holds the upstream
+                        if reader.paused and reader.on_full == "wait":
                             await self._wait_for_readers(gen)
                             break
         except ProviderError as exc:
