@@ -97,7 +97,8 @@ class Authenticator:
             raise HTTPError(
                 401, "invalid_token", f"invalid token: {exc}"[:200], [WWW_AUTHENTICATE]
             ) from None
-        mercure = payload.get("mercure") if isinstance(payload.get("mercure"), dict) else {}
+        mercure_claim = payload.get("mercure")
+        mercure: dict[str, Any] = mercure_claim if isinstance(mercure_claim, dict) else {}
         exp = payload.get("exp")
         return Claims(
             subject=str(payload["sub"]) if payload.get("sub") is not None else None,

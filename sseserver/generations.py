@@ -47,7 +47,7 @@ def parse_event_id(event_id: str | None) -> tuple[str, int] | None:
 
 
 _json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_json_string = json.encoder.encode_basestring  # type: ignore[attr-defined]  # C, as above
+_json_string = json.encoder.encode_basestring  # the C encoder, as _json uses
 
 
 def _text_payload(text: str) -> str:

@@ -5,6 +5,7 @@ the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics`` sums every wor
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import (
@@ -86,7 +87,11 @@ class Metrics:
         """The exposition text; summed over workers in multi-process mode."""
         if os.environ.get(MULTIPROC_ENV):
             registry = CollectorRegistry()
-            prom_multiprocess.MultiProcessCollector(registry)
+            # Typed here: prometheus_client leaves MultiProcessCollector.__init__ unannotated.
+            collect_into: Callable[[CollectorRegistry], object] = (
+                prom_multiprocess.MultiProcessCollector
+            )
+            collect_into(registry)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 

@@ -20,6 +20,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
+from typing import cast
 from urllib.parse import unquote
 
 import h11
@@ -128,7 +129,8 @@ class HTTPProtocol(asyncio.Protocol):
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self._loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
+        # WriteTransport, as stream.Channel declares it; reading is paused via a cast.
+        self.transport: asyncio.WriteTransport | None = None
         self.flow = FlowControl(self._loop)
         self._conn = h11.Connection(
             h11.SERVER, max_incomplete_event_size=state.config.max_head_bytes
@@ -145,20 +147,23 @@ class HTTPProtocol(asyncio.Protocol):
     # -- asyncio callbacks -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        # A stream transport: a cast, not isinstance, as uvloop's subclasses none of
+        # asyncio's transport classes.
+        tcp = cast(asyncio.Transport, transport)
+        self.transport = tcp
         state = self.state
         state.total_connections += 1
-        peer = transport.get_extra_info("peername")
+        peer = tcp.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.client = (str(peer[0]), int(peer[1]))
         if state.shutting_down or len(state.connections) >= state.config.max_connections:
-            transport.write(SHUTTING_DOWN if state.shutting_down else OVERLOADED)
-            transport.close()
+            tcp.write(SHUTTING_DOWN if state.shutting_down else OVERLOADED)
+            tcp.close()
             self.transport = None
             return
         state.connections.add(self)
         limit = state.config.write_buffer_bytes
-        transport.set_write_buffer_limits(high=limit, low=limit // 4)
+        tcp.set_write_buffer_limits(high=limit, low=limit // 4)
         self._start_timer(state.config.header_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -199,7 +204,7 @@ class HTTPProtocol(asyncio.Protocol):
             len(self._conn.trailing_data[0]) > self.state.config.max_head_bytes
         ):
             # The client keeps sending while a response runs: stop reading until it ends.
-            transport.pause_reading()
+            cast(asyncio.Transport, transport).pause_reading()  # see connection_made
 
     # -- request parsing ---------------------------------------------------------------
 
@@ -429,7 +434,7 @@ class HTTPProtocol(asyncio.Protocol):
             self.close_connection()
             return
         self._start_timer(self.state.config.keepalive_timeout_s)
-        transport.resume_reading()
+        cast(asyncio.Transport, transport).resume_reading()  # see connection_made
         # Pipelined requests may already wait in h11's buffer.
         self._loop.call_soon(self._continue)
 

@@ -45,16 +45,18 @@ class Server:
         state = self.state
         if self._on_startup is not None:
             await self._on_startup()
-        server = await loop.create_server(
-            lambda: HTTPProtocol(state),
-            host=None if sock is not None else self.config.host,
-            port=None if sock is not None else self.config.port,
-            sock=sock,
-            reuse_port=(self.config.workers > 1) if sock is None else None,
-            backlog=4096,
-        )
+        if sock is not None:
+            server = await loop.create_server(lambda: HTTPProtocol(state), sock=sock, backlog=4096)
+        else:
+            server = await loop.create_server(
+                lambda: HTTPProtocol(state),
+                host=self.config.host,
+                port=self.config.port,
+                reuse_port=self.config.workers > 1,
+                backlog=4096,
+            )
         self._servers.append(server)
-        self.sockets = [s for srv in self._servers for s in (srv.sockets or ())]  # type: ignore[misc]
+        self.sockets = [s for srv in self._servers for s in (srv.sockets or ())]
         state.streams.start(loop)
         self._stop = asyncio.Event()
 

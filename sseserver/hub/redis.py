@@ -17,10 +17,11 @@ import asyncio
 import json
 import logging
 import uuid
-from typing import Any
+from typing import cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from .base import Update
 from .memory import MemoryHub
@@ -32,6 +33,11 @@ READ_BLOCK_MS = 1000
 READ_COUNT = 1000
 RECONNECT_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0)  # then every 1 s
 CONNECTION_ERRORS = (RedisError, ConnectionError, OSError, TimeoutError)
+
+# What XRANGE/XREAD give this client (RESP2, no decode_responses, legacy shapes): bytes
+# ids, keys and values. redis-py's stubs also allow str, None and RESP3's dict.
+_Entry = tuple[bytes, dict[bytes, bytes]]
+_ReadReply = list[tuple[bytes, list[_Entry]]]  # [[stream key, entries], ...]
 
 
 class RedisHub(MemoryHub):
@@ -96,8 +102,8 @@ class RedisHub(MemoryHub):
 
     # -- encoding ----------------------------------------------------------------------
 
-    def _fields(self, update: Update) -> dict[str, Any]:
-        fields: dict[str, Any] = {
+    def _fields(self, update: Update) -> dict[FieldT, EncodableT]:
+        fields: dict[FieldT, EncodableT] = {
             "origin": self.instance,
             "id": update.id,
             "topics": json.dumps(update.topics),
@@ -194,7 +200,10 @@ class RedisHub(MemoryHub):
         assert self._redis is not None
         start = "-"
         while True:
-            entries = await self._redis.xrange(self.stream_key, min=start, count=READ_COUNT)
+            entries = cast(
+                list[_Entry],  # see _Entry: the stubs' str | None cannot happen here
+                await self._redis.xrange(self.stream_key, min=start, count=READ_COUNT),
+            )
             for entry_id, raw in entries:
                 self._last_entry = entry_id.decode()
                 update = self._decode(raw)
@@ -209,8 +218,11 @@ class RedisHub(MemoryHub):
         while True:
             try:
                 assert self._redis is not None
-                result = await self._redis.xread(
-                    {self.stream_key: self._last_entry}, block=READ_BLOCK_MS, count=READ_COUNT
+                result = cast(
+                    _ReadReply,  # see _Entry: the stubs' RESP3 dict cannot happen here
+                    await self._redis.xread(
+                        {self.stream_key: self._last_entry}, block=READ_BLOCK_MS, count=READ_COUNT
+                    ),
                 )
                 if not self._connected:
                     log.info("redis hub: connected to %s", self.url)

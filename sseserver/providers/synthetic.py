@@ -95,7 +95,7 @@ class SyntheticProvider:
             delay = start + ttft + i * interval - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            elif i % YIELD_EVERY == 0:
+            elif i and i % YIELD_EVERY == 0:  # not before the first: TTFT
                 await asyncio.sleep(0)
             yield Delta(token_text(i, size))
         prompt = sum(len(m.content.split()) for m in request.messages)

@@ -34,6 +34,12 @@ def _check_topics(topics: list[str]) -> tuple[str, ...]:
     return tuple(topics)
 
 
+def _first(form: dict[str, list[str]], name: str) -> str | None:
+    """The first value of a form field; None when it is absent."""
+    values = form.get(name)
+    return values[0] if values else None
+
+
 def register(app: Application, ctx: Context) -> None:
     hub = ctx.hub
     config = ctx.config
@@ -51,6 +57,7 @@ def register(app: Application, ctx: Context) -> None:
                 raise HTTPError(403, "forbidden", "token may not subscribe to these topics")
             private = allowed
         requested = last_event_id(request)
+        replay_from: str | None
         if requested is not None and requested != EARLIEST and hub.get(requested) is None:
             replay_from, gap = EARLIEST, True
         else:
@@ -100,9 +107,9 @@ def register(app: Application, ctx: Context) -> None:
             if allowed is None or not all(any_match(allowed, (t,)) for t in topics):
                 raise HTTPError(403, "forbidden", "token may not publish to these topics")
         data = "\n".join(form["data"]) if "data" in form else None
-        event_id = (form.get("id") or [None])[0] or None
-        event_type = (form.get("type") or [None])[0] or None
-        retry_raw = (form.get("retry") or [None])[0]
+        event_id = _first(form, "id") or None
+        event_type = _first(form, "type") or None
+        retry_raw = _first(form, "retry")
         private = (form.get("private") or [""])[0].lower() in ("on", "true", "1", "yes")
         retry = None
         if retry_raw:
