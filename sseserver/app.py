@@ -74,6 +74,7 @@ class Application:
     def __init__(self) -> None:
         self.router = Router()
         self.middlewares: list[Middleware] = []
+        self._chained: tuple[tuple[Middleware, ...], Handler] | None = None
 
     def route(self, methods: Iterable[str], path: str) -> Callable[[Handler], Handler]:
         def register(handler: Handler) -> Handler:
@@ -84,7 +85,18 @@ class Application:
 
     async def __call__(self, request: Request, stream: EventStream) -> None:
         # Middlewares wrap routing, so 404/405 answers get request ids, CORS and counts.
-        await self._call(0, request, stream)
+        await self._chain()(request, stream)
+
+    def _chain(self) -> Handler:
+        """The middlewares bound around routing, built once (again if the list changes),
+        so a request creates no closures, only each middleware's own coroutine."""
+        current = tuple(self.middlewares)
+        if self._chained is None or self._chained[0] != current:
+            handler: Handler = self._route
+            for middleware in reversed(current):
+                handler = _bind(middleware, handler)
+            self._chained = (current, handler)
+        return self._chained[1]
 
     async def _route(self, request: Request, stream: EventStream) -> None:
         handler, params, allow = self.router.resolve(request.method, request.path)
@@ -101,15 +113,12 @@ class Application:
                 )
         await handler(request, stream)
 
-    async def _call(self, index: int, request: Request, stream: EventStream) -> None:
-        if index == len(self.middlewares):
-            await self._route(request, stream)
-            return
 
-        async def next_handler(req: Request, st: EventStream) -> None:
-            await self._call(index + 1, req, st)
+def _bind(middleware: Middleware, call_next: Handler) -> Handler:
+    def call(request: Request, stream: EventStream) -> Awaitable[None]:
+        return middleware(request, stream, call_next)
 
-        await self.middlewares[index](request, stream, next_handler)
+    return call
 
 
 def _options(allow: str) -> Handler:
