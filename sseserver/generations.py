@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import ids
 from .errors import ClientGone
 from .hub.base import Subscription
 from .hub.memory import MemoryHub
@@ -143,7 +143,7 @@ class Generations:
     ) -> Generation:
         """Begin a generation whose first viewer is ``origin`` (already started)."""
         gen = Generation(
-            id=secrets.token_urlsafe(12),
+            id=ids.token_urlsafe(12),
             provider=provider,
             model=request.model or provider.default_model,
             request=request,

@@ -4,10 +4,10 @@ rate limits (SPEC §9). ``/healthz`` and ``/readyz`` are never authenticated nor
 from __future__ import annotations
 
 import re
-import secrets
 import time
 from collections.abc import Sequence
 
+from . import ids
 from .app import Handler
 from .auth import Authenticator
 from .errors import HTTPError
@@ -28,7 +28,7 @@ CORS_EXPOSE = "Last-Event-ID, X-Request-ID, Retry-After"
 async def request_id(request: Request, stream: EventStream, call_next: Handler) -> None:
     """Take nginx's ``X-Request-ID`` when it is sane, else make one; echo it back."""
     given = request.header("x-request-id")
-    request.id = given if given and REQUEST_ID.fullmatch(given) else secrets.token_hex(8)
+    request.id = given if given and REQUEST_ID.fullmatch(given) else ids.token_hex(8)
     stream.extra_headers.append((b"x-request-id", request.id.encode()))
     await call_next(request, stream)
 

@@ -10,12 +10,12 @@ an upstream that fails at once gets a real HTTP status instead of a 200 and an e
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
+from .. import ids
 from ..app import Application
 from ..context import Context
 from ..errors import HTTPError, error_body
@@ -126,7 +126,7 @@ def register(app: Application, ctx: Context) -> None:
         params.update(extra)
         messages = parse_messages(body.get("messages"))
         provider, gen = build_request(ctx, provider_name, model, messages, params)
-        completion_id = "chatcmpl-" + secrets.token_hex(12)
+        completion_id = "chatcmpl-" + ids.token_hex(12)
         created = int(time.time())
         model_name = gen.model or provider.default_model
         if body.get("stream"):
@@ -290,8 +290,8 @@ async def _ui_stream(stream: EventStream, source: AsyncIterator[Delta]) -> None:
             raise _raise_for(exc) from None
         if not stream.start(UI_STREAM_HEADERS):
             return
-        text_id = "text-" + secrets.token_hex(4)
-        stream.write(_data({"type": "start", "messageId": "msg-" + secrets.token_hex(8)}))
+        text_id = "text-" + ids.token_hex(4)
+        stream.write(_data({"type": "start", "messageId": "msg-" + ids.token_hex(8)}))
         stream.write(_data({"type": "start-step"}))
         stream.write(_data({"type": "text-start", "id": text_id}))
         finish = "stop"
