@@ -15,6 +15,7 @@ Every result carries the generator's own CPU time (getrusage) next to the server
 
     python -m bench.loadgen idle   --port 8000 --server-pid PID --streams 10000
     python -m bench.loadgen tokens --port 8000 --server-pid PID --streams 1000 --tokens 150
+    python -m bench.loadgen tokens ... --target "/v1/stream?provider=openai&q=..." --upstream-pid UP
     python -m bench.loadgen fanout --port 8000 --server-pid PID --subscribers 1000
     python -m bench.loadgen ttft   --port 8000 --server-pid PID --requests 300
 """
@@ -94,13 +95,19 @@ class Meter:
     """CPU of the server and of this generator over one window, and how busy each core
     was: the server is pinned to core 0 and the generator to core 1, so a core's busy
     share beyond its own process (plus the kernel's loopback work) is noise from other
-    programs on a shared machine."""
+    programs on a shared machine.
+
+    A fake upstream sharing the generator's core (``--upstream-pid``, the proxy scenario)
+    is measured too (``upstream_cpu_s``, ``upstream_util``) and is not counted as noise."""
+
+    upstream_pid = 0  # set from --upstream-pid
 
     def __init__(self, server_pid: int | None) -> None:
         self.pid = server_pid
         self.t = now()
         self.gen = own_cpu_s()
         self.srv = proc_cpu_s(server_pid) if server_pid else 0.0
+        self.up = proc_cpu_s(self.upstream_pid) if self.upstream_pid else 0.0
         self.cores = cores_busy_s()
 
     def read(self) -> dict[str, float]:
@@ -115,6 +122,11 @@ class Meter:
             srv = proc_cpu_s(self.pid) - self.srv
             out["server_cpu_s"] = round(srv, 3)
             out["server_util"] = round(srv / wall, 3) if wall > 0 else 0.0
+        if self.upstream_pid:
+            with contextlib.suppress(OSError):
+                up = proc_cpu_s(self.upstream_pid) - self.up
+                out["upstream_cpu_s"] = round(up, 3)
+                out["upstream_util"] = round(up / wall, 3) if wall > 0 else 0.0
         if wall > 0:
             cores = cores_busy_s()
             for name in ("cpu0", "cpu1"):
@@ -126,7 +138,8 @@ class Meter:
             if "cpu0_busy" in out and "server_util" in out:
                 out["core0_other"] = round(max(0.0, out["cpu0_busy"] - out["server_util"]), 3)
             if "cpu1_busy" in out:
-                out["core1_other"] = round(max(0.0, out["cpu1_busy"] - out["gen_util"]), 3)
+                ours = out["gen_util"] + out.get("upstream_util", 0.0)
+                out["core1_other"] = round(max(0.0, out["cpu1_busy"] - ours), 3)
         return out
 
 
@@ -523,6 +536,8 @@ class TokenStream(HTTPStream):
         n = scan.count(TEXT)
         if n:
             run = self.run
+            if run.steady_meter is not None and run.steady_cpu is None:
+                run.steady_received += n  # inside the steady CPU window
             i = self.ntext
             self.ntext = i + n
             base = t - self.t0 - run.ttft
@@ -563,6 +578,7 @@ class TokenRun:
         self.steady_from = math.inf  # set once every stream of the step is connected
         self.steady_meter: Meter | None = None
         self.steady_cpu: dict[str, float] | None = None
+        self.steady_received = 0  # text events read while steady_meter was running
         self.pending = streams
         self.all_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -581,9 +597,10 @@ async def run_tokens(args: argparse.Namespace, progress: Progress) -> dict[str, 
     tokens = args.tokens
     interval = args.interval_ms / 1000
     ttft = args.ttft_ms / 1000
-    request = get_request(
-        args.host, args.port, stream_target(tokens, args.interval_ms, args.ttft_ms)
-    )
+    # --target: another stream whose text events come on the same schedule, e.g. the OpenAI
+    # provider against a fake upstream told `[fake tokens=... interval_ms=...]` (proxy).
+    target = args.target or stream_target(tokens, args.interval_ms, args.ttft_ms)
+    request = get_request(args.host, args.port, target)
     dialer = Dialer(args.host, args.port, n, args.sources)
     run = TokenRun(n, interval, ttft)
     streams: list[TokenStream] = []
@@ -656,6 +673,7 @@ async def run_tokens(args: argparse.Namespace, progress: Progress) -> dict[str, 
         "steady_events_per_s": round(n * 1 / interval, 1) if interval else None,
         "cpu": cpu,
         "cpu_steady": run.steady_cpu,
+        "steady_received": run.steady_received,
     }
 
 
@@ -1312,14 +1330,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", default="", help="request target (default: a synthetic stream)")
     p.add_argument("--body", default="", help="POST this JSON body instead of a GET")
     p.add_argument("--marker", default='{"text"', help="bytes that show the first token")
-    # cancel
+    # cancel, proxy
     p.add_argument("--upstream-port", type=int, default=0, help="fake OpenAI upstream")
+    p.add_argument(
+        "--upstream-pid",
+        type=int,
+        default=0,
+        help="fake upstream on this core: its CPU is reported and not counted as noise",
+    )
     p.add_argument("--cancel-wait-s", type=float, default=2.0)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    Meter.upstream_pid = args.upstream_pid
     try:
         import uvloop
     except ImportError:  # pragma: no cover - bench extra installs it

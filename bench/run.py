@@ -4,6 +4,7 @@
     python -m bench.run --full                        # longer: bigger counts, finer ramps
     python -m bench.run --quick --only idle,tokens --servers sseserver
     python -m bench.run --quick --only fanout --servers sseserver --profile
+    python -m bench.run --quick --only proxy --servers sseserver [--profile]
 
 For each scenario and server: start the server pinned to core 0 (``taskset -c 0``) with
 RLIMIT_NOFILE raised to its hard limit, warm it up, run ``bench.loadgen`` pinned to core 1,
@@ -19,10 +20,12 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import json
 import os
 import platform
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -66,6 +69,8 @@ class Settings:
     fanout_duration_s: float
     fanout_publishers: list[int]
     ttft_requests: int
+    proxy_steps: list[int]  # concurrent 50 token/s streams through the OpenAI provider
+    proxy_bisect: int
     settle_s: float = 2.0
 
 
@@ -79,6 +84,8 @@ QUICK = Settings(
     fanout_duration_s=4.0,
     fanout_publishers=[1, 4],
     ttft_requests=300,
+    proxy_steps=[50, 100, 200, 400, 800, 1600, 3200],
+    proxy_bisect=1,
 )
 FULL = Settings(
     mode="full",
@@ -90,6 +97,8 @@ FULL = Settings(
     fanout_duration_s=10.0,
     fanout_publishers=[1, 4],
     ttft_requests=2000,
+    proxy_steps=[25, 50, 100, 150, 200, 300, 400, 600, 800, 1200, 1600, 2400, 3200],
+    proxy_bisect=2,
 )
 
 
@@ -337,30 +346,51 @@ class Server:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-class Upstream:
-    """The fake OpenAI upstream of the tests (tests/upstreams/openai_wire.py) in its own
-    process, pinned to the load generator's core (the proxy loads are sequential)."""
+UPSTREAMS = {
+    # the fake of the tests: records connections (/_fake/stats), every failure mode; slow
+    "python": [PY, "-m", "tests.upstreams.openai_wire"],
+    # bench/peers/openai_upstream.js: same wire format and token texts, streams only; fast
+    "node": [NODE, str(PEERS / "openai_upstream.js")],
+}
 
-    def __init__(self) -> None:
+
+class Upstream:
+    """A fake OpenAI upstream in its own process, pinned to the load generator's core
+    (the proxy loads are sequential): ``python``, the fake of the tests
+    (tests/upstreams/openai_wire.py), or ``node`` (bench/peers/openai_upstream.js)."""
+
+    def __init__(self, kind: str = "python", timeout_s: float = 15.0) -> None:
+        self.kind = kind
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [
-                *NICE,
-                *("taskset", "-c", LOADGEN_CORE, PY, "-m", "tests.upstreams.openai_wire"),
-                *("--port", str(self.port)),
-            ],
+            [*NICE, "taskset", "-c", LOADGEN_CORE, *UPSTREAMS[kind], "--port", str(self.port)],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             preexec_fn=_raise_nofile,
         )
-        self.pid = self.proc.pid
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().decode()
+        self.pid = self.proc.pid  # taskset execs the upstream: same PID
+        line = self._first_line(timeout_s)
         if not line.startswith("LISTENING"):
             self.stop()
-            raise RuntimeError(f"fake OpenAI upstream did not start: {line.strip()}")
+            raise RuntimeError(f"fake OpenAI upstream ({kind}) did not start: {line.strip()!r}")
+
+    def _first_line(self, timeout_s: float) -> str:
+        """Its first output line, read within ``timeout_s``."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        data = b""
+        deadline = time.monotonic() + timeout_s
+        while b"\n" not in data:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                break
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+        return data.decode(errors="replace").partition("\n")[0]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -389,7 +419,7 @@ def noise(cpu: dict[str, Any] | None) -> float:
     beyond the server includes softirq work for its own traffic, hence the allowance."""
     if not cpu:
         return 0.0
-    return max(cpu.get("core1_other", 0.0), cpu.get("core0_other", 0.0) - 0.15)
+    return max(float(cpu.get("core1_other", 0.0)), float(cpu.get("core0_other", 0.0)) - 0.15)
 
 
 def _main_cpu(r: dict[str, Any]) -> dict[str, Any] | None:
@@ -476,19 +506,22 @@ class Bench:
         what: str,
         attempt: Callable[[], dict[str, Any]],
         good: Callable[[dict[str, Any]], bool],
+        profiled: bool | None = None,
     ) -> dict[str, Any]:
         """Run ``attempt``; while its result is not ``good`` and the window was noisy
         (other programs busy on our cores), run it again, up to RETRIES times. Returns the
-        first good result, else the least noisy one; records how many runs it took."""
+        first good result, else the least noisy one; records how many runs it took.
+        ``profiled``: whether ``attempt`` runs py-spy (default: ``--profile``)."""
+        profiled = self.profile if profiled is None else profiled
         results: list[dict[str, Any]] = []
         # py-spy runs on the generator's core: it would read as noise; profile once.
-        for i in range(1 if self.profile else RETRIES + 1):
+        for i in range(1 if profiled else RETRIES + 1):
             r = attempt()
             r["noise"] = round(noise(_main_cpu(r)), 3)
             results.append(r)
             if good(r) or r["noise"] <= NOISE_LIMIT:
                 break
-            if i < RETRIES and not self.profile:
+            if i < RETRIES and not profiled:
                 self.say(
                     f"{what}: other programs took {r['noise']:.0%} of a core during the "
                     "window; measuring again"
@@ -517,6 +550,7 @@ class Bench:
 
     def _stop_profile(self, spy: tuple[subprocess.Popen[bytes], Path], name: str) -> None:
         proc, raw = spy
+        libraries = name.startswith("proxy")  # where the provider's time goes
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(15)
@@ -525,7 +559,9 @@ class Bench:
             proc.wait()
         if raw.exists():
             RESULTS.mkdir(parents=True, exist_ok=True)
-            (RESULTS / f"profile_{name}.txt").write_text(summarize_profile(raw.read_text()))
+            (RESULTS / f"profile_{name}.txt").write_text(
+                summarize_profile(raw.read_text(), libraries=libraries)
+            )
             self.say(f"profile written to bench/results/profile_{name}.txt")
 
     # -- records ---------------------------------------------------------------------------
@@ -538,7 +574,12 @@ class Bench:
         metrics: dict[str, Any] | None,
         error: str | None = None,
         skipped: str | None = None,
+        profiled: bool | None = None,
     ) -> None:
+        """``profiled``: whether these numbers were measured under py-spy (default:
+        ``--profile`` and sseserver); profiled records stay out of RESULTS.md."""
+        if profiled is None:
+            profiled = self.profile and server == "sseserver"
         rec = {
             "ts": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "run": self.run_id,
@@ -549,7 +590,7 @@ class Bench:
             "ok": error is None and skipped is None,
             "error": error,
             "skipped": skipped,
-            "profiled": self.profile and server == "sseserver",
+            "profiled": profiled,
             "metrics": metrics or {},
         }
         self.records.append(rec)
@@ -583,11 +624,59 @@ class Bench:
             )
             self.record("idle", variant, name, r)
 
+    def ramp(
+        self, steps: list[int], bisect: int, grain: int, step: Callable[[int], bool]
+    ) -> tuple[int, int]:
+        """Step the count up until ``step(n)`` fails, then bisect between the last count
+        held and the first that failed ``bisect`` times (counts rounded down to ``grain``).
+        Returns (largest count held or 0, first failing count or 0)."""
+        held = failed_at = 0
+        for n in steps:
+            if step(n):
+                held = n
+            else:
+                failed_at = n
+                break
+        for _ in range(bisect):
+            if not failed_at or failed_at - held <= 2 * grain:
+                break
+            mid = (held + failed_at) // 2 // grain * grain
+            if step(mid):
+                held = mid
+            else:
+                failed_at = mid
+        return held, failed_at
+
+    def lateness_step(
+        self,
+        what: str,
+        attempt: Callable[[], dict[str, Any]],
+        profiled: bool | None = None,
+        extra: Callable[[dict[str, Any]], str] = lambda r: "",
+    ) -> dict[str, Any]:
+        """One step of a token-stream ramp (loadgen ``tokens``): held when no stream failed,
+        no token was lost and the steady-state p99 lateness is within the bound."""
+
+        def good(r: dict[str, Any]) -> bool:
+            p99 = r["steady_lateness_ms"].get("p99", float("inf"))
+            return bool(r["failures"] == 0 and r["lost"] == 0 and p99 <= LATENESS_BOUND_MS)
+
+        r = self.measure(what, attempt, good, profiled=profiled)
+        p99 = r["steady_lateness_ms"].get("p99", float("inf"))
+        ok = good(r)
+        r["held"] = ok
+        self.say(
+            f"{what}: {'held' if ok else 'FAILED'} — steady p99 {p99} ms "
+            f"(all tokens incl. opening: {r['lateness_ms'].get('p99')} ms), "
+            f"lost {r['lost']}, failures {r['failures']}, "
+            f"server {r['cpu'].get('server_util', 0):.0%} cpu, "
+            f"generator {r['cpu']['gen_util']:.0%} cpu" + extra(r)
+        )
+        return r
+
     def tokens(self, name: str) -> None:
         s = self.settings
         steps: list[dict[str, Any]] = []
-        held = 0
-        failed_at = 0
 
         def step(n: int) -> bool:
             self.say(f"{name} tokens: {n} streams x {s.token_count} tokens at 50/s")
@@ -602,38 +691,11 @@ class Bench:
                         profile_as=f"tokens_{n}" if self.profile else "",
                     )
 
-            def good(r: dict[str, Any]) -> bool:
-                p99 = r["steady_lateness_ms"].get("p99", float("inf"))
-                return bool(r["failures"] == 0 and r["lost"] == 0 and p99 <= LATENESS_BOUND_MS)
-
-            r = self.measure(f"{name} tokens x{n}", attempt, good)
-            p99 = r["steady_lateness_ms"].get("p99", float("inf"))
-            ok = good(r)
-            r["held"] = ok
+            r = self.lateness_step(f"{name} tokens x{n}", attempt)
             steps.append(r)
-            self.say(
-                f"{name} tokens x{n}: {'held' if ok else 'FAILED'} — steady p99 {p99} ms "
-                f"(all tokens incl. opening: {r['lateness_ms'].get('p99')} ms), "
-                f"lost {r['lost']}, failures {r['failures']}, "
-                f"server {r['cpu'].get('server_util', 0):.0%} cpu, "
-                f"generator {r['cpu']['gen_util']:.0%} cpu"
-            )
-            return ok
+            return bool(r["held"])
 
-        for n in s.token_steps:
-            if step(n):
-                held = n
-            else:
-                failed_at = n
-                break
-        for _ in range(s.token_bisect):
-            if not failed_at or failed_at - held <= 100:
-                break
-            mid = (held + failed_at) // 2 // 50 * 50
-            if step(mid):
-                held = mid
-            else:
-                failed_at = mid
+        held, failed_at = self.ramp(s.token_steps, s.token_bisect, 50, step)
         at_held = next((r for r in steps if r["streams"] == held and r["held"]), None)
         at_fail = next((r for r in steps if r["streams"] == failed_at), None)
         metrics = {
@@ -704,38 +766,69 @@ class Bench:
         self.record("ttft", "tokens=1", name, r)
 
     @contextlib.contextmanager
-    def proxied(self, name: str) -> Iterator[tuple[Server, Upstream]]:
-        up = Upstream()
+    def proxied(
+        self, name: str, client: str | None = None, upstream: str = "python"
+    ) -> Iterator[tuple[Server, Upstream]]:
+        """sseserver with its OpenAI provider pointed at a fake upstream (``python``: the
+        tests' fake, ``node``: bench/peers/openai_upstream.js), warmed up through it.
+        ``client``: the ``--openai-client`` to pass (None: the server's only/default one)."""
+        up = Upstream(upstream)
         try:
-            with self.server(
-                name,
-                ["--openai-base-url", f"http://127.0.0.1:{up.port}/v1"],
-                {"OPENAI_API_KEY": "sk-fake"},
-            ) as srv:
-                for _ in range(3):  # the SDK's client and connection pool warm up
-                    http_get(srv.port, OPENAI_Q.format("tokens%3D2"), accept="text/event-stream")
+            args = ["--openai-base-url", f"http://127.0.0.1:{up.port}/v1"]
+            if client is not None:
+                args += ["--openai-client", client]
+            with self.server(name, args, {"OPENAI_API_KEY": "sk-fake"}) as srv:
+                for _ in range(3):  # the client and its connection pool warm up
+                    _, body = http_get(
+                        srv.port, OPENAI_Q.format("tokens%3D2"), accept="text/event-stream"
+                    )
+                    if b"tok1 " not in body:
+                        raise RuntimeError(
+                            f"no text through the OpenAI provider ({upstream} upstream): "
+                            f"{body[-300:].decode(errors='replace')!r}"
+                        )
                 yield srv, up
         finally:
             up.stop()
 
     def proxy(self, name: str) -> None:
-        """TTFT through the OpenAI provider against the fast local fake upstream, next to
-        the upstream's own TTFT measured directly: the difference is what sseserver adds."""
-        why = _proxy_prerequisites()
+        """Through the OpenAI provider, for each client (``--openai-client sdk``, ``fast``):
+        the TTFT it adds (against the tests' fake upstream) and the concurrent 50 token/s
+        streams it holds (against bench/peers/openai_upstream.js), with server CPU per chunk."""
+        for client in OPENAI_CLIENTS:
+            flag, why = openai_client_arg(client)
+            ttft = "openai ttft" if client == "sdk" else f"openai ttft {client}"
+            variants = (ttft, f"50/s {client}")
+            if why:
+                self.say(f"{name} proxy {client}: skipped ({why})")
+                for variant in variants:
+                    self.record("proxy", variant, name, None, skipped=why)
+                continue
+            for variant, part in zip(variants, (self.proxy_ttft, self.proxy_streams), strict=True):
+                try:
+                    part(name, client, flag, variant)
+                except (RuntimeError, OSError, subprocess.SubprocessError, KeyError) as exc:
+                    self.say(f"{name} proxy {variant}: ERROR {exc}")
+                    self.record("proxy", variant, name, None, error=str(exc)[:500])
+
+    def proxy_ttft(self, name: str, client: str, flag: str | None, variant: str) -> None:
+        """TTFT through the OpenAI provider against the tests' fake upstream, next to the
+        upstream's own TTFT measured directly: the difference is what sseserver adds."""
+        why = _proxy_prerequisites("python")
         if why:
-            self.record("proxy", "openai ttft", name, None, skipped=why)
+            self.record("proxy", variant, name, None, skipped=why)
             return
         n = max(50, self.settings.ttft_requests // 3)
-        self.say(f"{name} proxy: {n} requests via the OpenAI provider and {n} direct")
+        self.say(f"{name} proxy {variant}: {n} requests via the OpenAI provider and {n} direct")
 
         def attempt() -> dict[str, Any]:
-            with self.proxied(name) as (srv, up):
+            with self.proxied(name, flag) as (srv, up):
                 via = self.loadgen(
                     srv,
                     "ttft",
                     ["--requests", n, "--target", OPENAI_Q.format("tokens%3D1")],
                     timeout_s=300,
-                    profile_as="proxy" if self.profile else "",
+                    profile_as=f"proxy_ttft_{client}" if self.profile else "",
                 )
                 direct = self.loadgen(
                     srv,
@@ -748,7 +841,12 @@ class Bench:
                     port=up.port,
                     pid=up.pid,
                 )
-            out: dict[str, Any] = {"via": via, "direct": direct, "cpu": via.get("cpu_keepalive")}
+            out: dict[str, Any] = {
+                "client": client,
+                "via": via,
+                "direct": direct,
+                "cpu": via.get("cpu_keepalive"),
+            }
             for kind in ("fresh_ms", "keepalive_ms"):
                 for p in ("p50", "p99"):
                     v, d = via[kind].get(p), direct[kind].get(p)
@@ -756,19 +854,150 @@ class Bench:
                         out[f"added_{kind[:-3]}_{p}_ms"] = round(v - d, 3)
             return out
 
-        r = self.measure(f"{name} proxy", attempt, lambda r: False)
+        r = self.measure(f"{name} proxy {variant}", attempt, lambda r: False)
         self.say(
-            f"{name} proxy: keep-alive TTFT p50 {r['via']['keepalive_ms'].get('p50')} ms via "
-            f"sseserver vs {r['direct']['keepalive_ms'].get('p50')} ms direct "
+            f"{name} proxy {variant}: keep-alive TTFT p50 {r['via']['keepalive_ms'].get('p50')} "
+            f"ms via sseserver vs {r['direct']['keepalive_ms'].get('p50')} ms direct "
             f"(added p50 {r.get('added_keepalive_p50_ms')} ms, "
             f"p99 {r.get('added_keepalive_p99_ms')} ms)"
         )
-        self.record("proxy", "openai ttft", name, r)
+        self.record("proxy", variant, name, r)
+
+    def proxy_streams(self, name: str, client: str, flag: str | None, variant: str) -> None:
+        """Concurrent 50 token/s streams of ``/v1/stream?provider=openai`` against the Node
+        upstream (pinned to core 1 next to the load generator), ramped like ``tokens``:
+        the largest count held, server CPU per chunk, and with ``--profile`` a py-spy
+        profile of the count held (run once more under py-spy, after the ramp)."""
+        why = _proxy_prerequisites("node")
+        if why:
+            self.record("proxy", variant, name, None, skipped=why)
+            return
+        s = self.settings
+        target = OPENAI_Q.format(f"tokens%3D{s.token_count}%20interval_ms%3D20")
+        steps: list[dict[str, Any]] = []
+
+        def run_step(n: int, profile_as: str = "") -> dict[str, Any]:
+            def attempt() -> dict[str, Any]:
+                with self.proxied(name, flag, "node") as (srv, up):
+                    r = self.loadgen(
+                        srv,
+                        "tokens",
+                        [
+                            *("--streams", n, "--tokens", s.token_count, "--interval-ms", 20),
+                            *("--target", target, "--upstream-pid", up.pid),
+                        ],
+                        timeout_s=120 + s.token_count * 0.02 + n / 100,
+                        profile_as=profile_as,
+                    )
+                return _per_chunk(r)
+
+            return self.lateness_step(
+                f"{name} proxy {client} x{n}" + (" under py-spy" if profile_as else ""),
+                attempt,
+                profiled=bool(profile_as),
+                extra=lambda r: (
+                    f"; steady window: server {(_main_cpu(r) or {}).get('server_util', 0):.0%},"
+                    f" upstream {(_main_cpu(r) or {}).get('upstream_util', 0):.0%} cpu (core 1),"
+                    f" server {r.get('server_cpu_us_per_chunk')} µs cpu per chunk"
+                ),
+            )
+
+        def step(n: int) -> bool:
+            self.say(
+                f"{name} proxy {client}: {n} streams x {s.token_count} tokens at 50/s "
+                "through the OpenAI provider (Node upstream)"
+            )
+            r = run_step(n)
+            steps.append(r)
+            return bool(r["held"])
+
+        held, failed_at = self.ramp(s.proxy_steps, s.proxy_bisect, 25, step)
+        at_held = next((r for r in steps if r["streams"] == held and r["held"]), None)
+        at_fail = next((r for r in steps if r["streams"] == failed_at), None)
+        # CPU per chunk at the count held, else at the smallest count tried.
+        basis = at_held or min(steps, key=lambda r: r["streams"], default=None)
+        cpu_held = _main_cpu(at_held) if at_held else None
+        cpu_fail = _main_cpu(at_fail) if at_fail else None
+        profile = None
+        if self.profile and basis is not None:
+            profile = self.proxy_profile(client, basis, run_step)
+        metrics = {
+            "client": client,
+            "client_option": flag is not None,
+            "upstream": "bench/peers/openai_upstream.js (Node), pinned to core 1 next to the "
+            "load generator (its CPU: upstream_util)",
+            "max_streams_held": held,
+            "failed_at": failed_at or None,
+            "p99_ms_at_held": at_held["steady_lateness_ms"].get("p99") if at_held else None,
+            "p99_ms_at_held_incl_opening": at_held["lateness_ms"].get("p99") if at_held else None,
+            "events_per_s_at_held": at_held["steady_events_per_s"] if at_held else None,
+            "server_cpu_us_per_chunk": basis.get("server_cpu_us_per_chunk") if basis else None,
+            "server_cpu_us_per_chunk_incl_setup": (
+                basis.get("server_cpu_us_per_chunk_incl_setup") if basis else None
+            ),
+            "server_cpu_us_per_chunk_at": basis["streams"] if basis else None,
+            "server_cpu_us_per_chunk_at_fail": (
+                at_fail.get("server_cpu_us_per_chunk") if at_fail else None
+            ),
+            "server_util_at_held": cpu_held.get("server_util") if cpu_held else None,
+            "gen_util_at_held": cpu_held.get("gen_util") if cpu_held else None,
+            "upstream_util_at_held": cpu_held.get("upstream_util") if cpu_held else None,
+            "server_util_at_fail": cpu_fail.get("server_util") if cpu_fail else None,
+            "gen_util_at_fail": cpu_fail.get("gen_util") if cpu_fail else None,
+            "upstream_util_at_fail": cpu_fail.get("upstream_util") if cpu_fail else None,
+            "cpu": cpu_held,
+            "bound": LATENESS_BOUND_MS,
+            "tokens_per_stream": s.token_count,
+            "steps": steps,
+            "profile": profile,
+        }
+        # The ramp itself ran without py-spy (the profile is a separate run): not profiled.
+        self.record("proxy", variant, name, metrics, profiled=False)
+
+    def proxy_profile(
+        self,
+        client: str,
+        basis: dict[str, Any],
+        run_step: Callable[[int, str], dict[str, Any]],
+    ) -> dict[str, Any] | None:
+        """The ramp's held count (else its smallest) once more, under py-spy: writes
+        bench/results/profile_proxy_CLIENT.txt, headed by that run's CPU per chunk."""
+        n = basis["streams"]
+        name = f"proxy_{client}"
+        self.say(f"proxy {client}: {n} streams once more under py-spy")
+        try:
+            r = run_step(n, name)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            self.say(f"proxy {client}: profiled run failed: {exc}")
+            return {"streams": n, "error": str(exc)[:500]}
+        cpu = _main_cpu(r) or {}
+        out = {
+            "streams": n,
+            "file": f"bench/results/profile_{name}.txt",
+            "held": r["held"],
+            "p99_ms": r["steady_lateness_ms"].get("p99"),
+            "server_cpu_us_per_chunk": r.get("server_cpu_us_per_chunk"),
+            "server_util": cpu.get("server_util"),
+        }
+        path = RESULTS / f"profile_{name}.txt"
+        if path.exists():
+            head = (
+                f"proxy, --openai-client {client}: {n} streams x {r['tokens']} tokens at 50/s "
+                "through the OpenAI provider against bench/peers/openai_upstream.js; py-spy "
+                "samples the whole step (1 s of opening, the steady state, the ends).\n"
+                f"This run, under py-spy: server CPU {r.get('server_cpu_us_per_chunk')} µs per "
+                f"chunk in the steady window ({cpu.get('server_util', 0):.0%} of core 0), "
+                f"steady p99 lateness {out['p99_ms']} ms; without py-spy at this count: "
+                f"{basis.get('server_cpu_us_per_chunk')} µs per chunk. A share below times "
+                "the µs per chunk is that frame's µs per chunk.\n\n"
+            )
+            path.write_text(head + path.read_text())
+        return out
 
     def cancel(self, name: str) -> None:
         """Client disconnect -> upstream connection closed, measured by the fake upstream
         at its socket (SPEC §7: within 100 ms)."""
-        why = _proxy_prerequisites()
+        why = _proxy_prerequisites("python")
         if why:
             self.record("cancel", "openai", name, None, skipped=why)
             return
@@ -796,30 +1025,95 @@ class Bench:
         self.record("cancel", "openai", name, r)
 
 
-def _proxy_prerequisites() -> str | None:
-    """None when the proxy scenarios can run, else why not."""
-    if not (ROOT / "tests" / "upstreams" / "openai_wire.py").exists():
-        return "needs tests/upstreams/openai_wire.py (the fake OpenAI upstream)"
+OPENAI_CLIENTS = ("sdk", "fast")  # sseserver --openai-client (SSESERVER_OPENAI_CLIENT)
+
+
+@functools.cache
+def openai_client_option() -> bool:
+    """Whether this sseserver has ``--openai-client`` (``python -m sseserver --help``)."""
+    try:
+        out = subprocess.run(
+            [PY, "-m", "sseserver", "--help"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "--openai-client" in out.stdout
+
+
+def openai_client_arg(client: str) -> tuple[str | None, str | None]:
+    """(the ``--openai-client`` value to pass or None, why ``client`` cannot run or None).
+    A server without the option has only the SDK client: ``sdk`` runs without the flag."""
+    if openai_client_option():
+        return client, None
+    if client == "sdk":
+        return None, None
+    return None, (
+        f"sseserver has no --openai-client option yet (python -m sseserver --help), so no "
+        f"{client!r} client: only the openai SDK path exists"
+    )
+
+
+def _per_chunk(r: dict[str, Any]) -> dict[str, Any]:
+    """Add CPU µs per chunk to a loadgen ``tokens`` result through the OpenAI provider.
+
+    A chunk is one upstream content delta, which is one text event to the client: in the
+    steady window (every stream open, none ended) there are no other chunks. The steady
+    figure is CPU over that window / text events read in it; ``_incl_setup`` divides the
+    whole step's CPU (opening the streams and their upstream requests, the ends) by every
+    text event."""
+    steady, whole = r.get("cpu_steady") or {}, r.get("cpu") or {}
+    n, total = r.get("steady_received") or 0, r.get("received") or 0
+    for who in ("server", "upstream"):
+        cpu_s = steady.get(f"{who}_cpu_s")
+        r[f"{who}_cpu_us_per_chunk"] = round(cpu_s / n * 1e6, 1) if cpu_s and n else None
+        cpu_s = whole.get(f"{who}_cpu_s")
+        r[f"{who}_cpu_us_per_chunk_incl_setup"] = (
+            round(cpu_s / total * 1e6, 1) if cpu_s and total else None
+        )
+    return r
+
+
+def _proxy_prerequisites(upstream: str = "python") -> str | None:
+    """None when the proxy scenarios can run against ``upstream``, else why not."""
     if _pkg_version("openai") == "?":
         return "needs the openai package"
+    if upstream == "python" and not (ROOT / "tests" / "upstreams" / "openai_wire.py").exists():
+        return "needs tests/upstreams/openai_wire.py (the fake OpenAI upstream)"
+    if upstream == "node" and not Path(NODE).exists():
+        return "needs node for bench/peers/openai_upstream.js (the fast fake OpenAI upstream)"
     return None
 
 
 # -- profiles --------------------------------------------------------------------------------
 
 
-def summarize_profile(raw: str, top: int = 25) -> str:
-    """Self and inclusive sample shares from py-spy's raw (collapsed stacks) output."""
-    own: dict[str, int] = {}
-    incl: dict[str, int] = {}
-    total = 0
+def summarize_profile(raw: str, top: int = 25, libraries: bool = False) -> str:
+    """Self and inclusive sample shares from py-spy's raw (collapsed stacks) output.
+
+    Samples of idle thread-pool workers (waiting for work; ``--native`` sampling does not
+    tell them idle) are left out. ``libraries``: also time by Python package (openai,
+    httpx, httpcore, h11, sseserver, ...)."""
+    stacks: list[tuple[list[str], int]] = []
+    idle = 0
     for line in raw.splitlines():
         stack, _, count = line.rstrip().rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        n = int(count)
-        total += n
         frames = stack.split(";")
+        if _idle_worker(frames):
+            idle += int(count)
+        else:
+            stacks.append((frames, int(count)))
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for frames, n in stacks:
+        total += n
         own[frames[-1]] = own.get(frames[-1], 0) + n
         for f in set(frames):
             incl[f] = incl.get(f, 0) + n
@@ -829,7 +1123,10 @@ def summarize_profile(raw: str, top: int = 25) -> str:
     for f, n in own.items():
         cat = _category(f)
         cats[cat] = cats.get(cat, 0) + n
-    out = [f"samples: {total}", "", "self time by kind:"]
+    out = [f"samples: {total}"]
+    if idle:
+        out.append(f"left out: {idle} samples of idle thread-pool workers (waiting for work)")
+    out += ["", "self time by kind:"]
     for c, n in sorted(cats.items(), key=lambda kv: -kv[1]):
         out.append(f"  {100 * n / total:5.1f}%  {c}")
     out += ["", "self time (top frames):"]
@@ -839,7 +1136,44 @@ def summarize_profile(raw: str, top: int = 25) -> str:
     ours = [(f, n) for f, n in incl.items() if "sseserver/" in f]
     for f, n in sorted(ours, key=lambda kv: -kv[1])[:top]:
         out.append(f"  {100 * n / total:5.1f}%  {f}")
+    if libraries:
+        mine: dict[str, int] = {}
+        libs: dict[str, int] = {}
+        for frames, n in stacks:
+            packages = [p for p in map(_package, frames) if p]
+            if packages:
+                mine[packages[-1]] = mine.get(packages[-1], 0) + n
+            for p in set(packages):
+                libs[p] = libs.get(p, 0) + n
+        out += [
+            "",
+            "self time by Python package (native frames charged to the Python code that "
+            "called them):",
+        ]
+        for lib, n in sorted(mine.items(), key=lambda kv: -kv[1])[:top]:
+            out.append(f"  {100 * n / total:5.1f}%  {lib}")
+        out += ["", "inclusive time by Python package (a stack counts once per package in it):"]
+        for lib, n in sorted(libs.items(), key=lambda kv: -kv[1])[:top]:
+            out.append(f"  {100 * n / total:5.1f}%  {lib}")
     return "\n".join(out) + "\n"
+
+
+def _idle_worker(frames: list[str]) -> bool:
+    """A thread-pool worker blocked in its queue's ``get`` (no work to do)."""
+    return any(f.startswith("_worker (concurrent/futures/thread.py") for f in frames) and any(
+        "SimpleQueue_get" in f for f in frames[-6:]
+    )
+
+
+def _package(frame: str) -> str:
+    """The Python package of a frame: ``f (openai/_streaming.py:398)`` -> ``openai``,
+    ``f (typing.py:2444)`` -> ``typing``; '' for native frames and the entry point."""
+    where = frame[frame.rfind("(") + 1 : -1] if frame.endswith(")") else ""
+    path = where.rpartition(":")[0]
+    if not path.endswith((".py", ".pyx")) or path.startswith(("<", "bench/")):
+        return ""
+    head = path.split("/", 1)[0]
+    return head.rpartition(".")[0] if "/" not in path else head
 
 
 SYSCALLS = ("write", "read", "send", "recv", "epoll", "accept", "close", "getsock", "setsock")
@@ -875,14 +1209,17 @@ def _get(d: dict[str, Any], path: str) -> Any:
     return d
 
 
-# (scenario, label, metric path, better: "low"/"high"/"", format)
+# (scenario, label, metric path, better: "low"/"high"/"", format); "proxy@50/s": only
+# the proxy variants starting with "50/s"
+PROXY_TTFT = "proxy@openai ttft"
+PROXY_STREAMS = "proxy@50/s"
 METRICS: list[tuple[str, str, str, str, str]] = [
     ("idle", "streams held", "held", "high", "{:,.0f}"),
     ("idle", "RSS per open stream, KB", "rss_per_stream_kb", "low", "{:.2f}"),
     ("idle", "streams per GiB of RSS", "streams_per_gib", "high", "{:,.0f}"),
     ("idle", "streams opened per s", "opened_per_s", "high", "{:,.0f}"),
     ("idle", "failures", "failures", "low", "{:,.0f}"),
-    ("tokens", "max concurrent streams, p99 lateness ≤ 50 ms", "max_streams_held", "high", "{:,}"),
+    ("tokens", "max streams, p99 lateness ≤ 50 ms", "max_streams_held", "high", "{:,}"),
     ("tokens", "p99 lateness at that count, ms", "p99_ms_at_held", "", "{:.1f}"),
     ("tokens", "first failing count", "failed_at", "", "{:,}"),
     ("tokens", "generator CPU at failing count", "gen_util_at_fail", "", "{:.0%}"),
@@ -897,11 +1234,17 @@ METRICS: list[tuple[str, str, str, str, str]] = [
     ("ttft", "fresh connection p99, ms", "fresh_ms.p99", "low", "{:.3f}"),
     ("ttft", "keep-alive p50, ms", "keepalive_ms.p50", "low", "{:.3f}"),
     ("ttft", "keep-alive p99, ms", "keepalive_ms.p99", "low", "{:.3f}"),
-    ("proxy", "TTFT via server, keep-alive p50, ms", "via.keepalive_ms.p50", "low", "{:.3f}"),
-    ("proxy", "upstream alone, keep-alive p50, ms", "direct.keepalive_ms.p50", "", "{:.3f}"),
-    ("proxy", "added TTFT keep-alive p50, ms", "added_keepalive_p50_ms", "low", "{:.3f}"),
-    ("proxy", "added TTFT keep-alive p99, ms", "added_keepalive_p99_ms", "low", "{:.3f}"),
-    ("proxy", "added TTFT fresh connection p50, ms", "added_fresh_p50_ms", "low", "{:.3f}"),
+    (PROXY_TTFT, "TTFT via server, keep-alive p50, ms", "via.keepalive_ms.p50", "low", "{:.3f}"),
+    (PROXY_TTFT, "upstream alone, keep-alive p50, ms", "direct.keepalive_ms.p50", "", "{:.3f}"),
+    (PROXY_TTFT, "added TTFT keep-alive p50, ms", "added_keepalive_p50_ms", "low", "{:.3f}"),
+    (PROXY_TTFT, "added TTFT keep-alive p99, ms", "added_keepalive_p99_ms", "low", "{:.3f}"),
+    (PROXY_TTFT, "added TTFT fresh connection p50, ms", "added_fresh_p50_ms", "low", "{:.3f}"),
+    (PROXY_STREAMS, "max streams, p99 lateness ≤ 50 ms", "max_streams_held", "high", "{:,}"),
+    (PROXY_STREAMS, "p99 lateness at that count, ms", "p99_ms_at_held", "", "{:.1f}"),
+    (PROXY_STREAMS, "first failing count", "failed_at", "", "{:,}"),
+    (PROXY_STREAMS, "server CPU µs per chunk there", "server_cpu_us_per_chunk", "low", "{:.1f}"),
+    (PROXY_STREAMS, "server CPU there (core 0)", "server_util_at_held", "", "{:.0%}"),
+    (PROXY_STREAMS, "upstream CPU there (core 1)", "upstream_util_at_held", "", "{:.0%}"),
     ("cancel", "disconnect → upstream closed p50, ms", "cancel_ms.p50", "low", "{:.1f}"),
     ("cancel", "disconnect → upstream closed p99, ms", "cancel_ms.p99", "low", "{:.1f}"),
     ("cancel", "over 100 ms / not closed in 2 s", "over_100ms", "", "{:,}"),
@@ -968,8 +1311,14 @@ def write_report(records: list[dict[str, Any]], settings: Settings) -> Path:
     header = "| scenario | metric | " + " | ".join(servers) + " |"
     lines += [header, "|" + "---|" * (len(servers) + 2)]
     for scenario, variant in groups:
+        group = [by_key.get((scenario, variant, server)) for server in servers]
+        if not any(rec and (rec["ok"] or rec.get("error")) for rec in group):
+            dashes = " | ".join("—" for _ in servers)
+            lines.append(f"| {scenario} {variant} | not measured (below) | {dashes} |")
+            continue
         for scen, label, path, better, fmt in METRICS:
-            if scen != scenario:
+            scen, _, prefix = scen.partition("@")
+            if scen != scenario or not variant.startswith(prefix):
                 continue
             base_rec = by_key.get((scenario, variant, "sseserver"))
             base = _cell(base_rec["metrics"], path, fmt)[1] if base_rec else None
@@ -991,7 +1340,8 @@ def write_report(records: list[dict[str, Any]], settings: Settings) -> Path:
     if skipped or errors:
         lines += ["", "Not measured:", ""]
         for r in skipped:
-            lines.append(f"- {r['scenario']} ({r['server']}): {r['skipped']}")
+            variant = "" if r["variant"] == "-" else f" {r['variant']}"
+            lines.append(f"- {r['scenario']}{variant} ({r['server']}): {r['skipped']}")
         for r in errors:
             lines.append(f"- {r['scenario']} {r['variant']} ({r['server']}): error: {r['error']}")
     lines += ["", "## Is the load generator the bottleneck?", ""]
@@ -1017,6 +1367,8 @@ def write_report(records: list[dict[str, Any]], settings: Settings) -> Path:
                 cells.append("—")
             else:
                 text = f"{cpu.get('server_util', 0):.0%} / {cpu['gen_util']:.0%}"
+                if "upstream_util" in cpu:
+                    text += f" + upstream {cpu['upstream_util']:.0%}"
                 if noise(cpu) > 0.1:
                     text += f" (noise {noise(cpu):.0%})"
                 cells.append(text)
@@ -1030,23 +1382,44 @@ def write_report(records: list[dict[str, Any]], settings: Settings) -> Path:
             "",
         ]
         for r in sorted(tok, key=lambda r: servers.index(r["server"])):
-            parts = []
-            for st in r["metrics"].get("steps", []):
-                cpu = st.get("cpu_steady") or st["cpu"]
-                lat = st.get("steady_lateness_ms") or st["lateness_ms"]
-                parts.append(
-                    f"{st['streams']}: {lat.get('p99', '—')} "
-                    f"({cpu.get('server_util', 0):.0%}/{cpu['gen_util']:.0%})"
-                    + ("" if st["held"] else f" ✗ (lost {st['lost']})")
-                )
-            lines.append(f"- {r['server']}: " + "; ".join(parts))
+            lines.append(f"- {r['server']}: " + "; ".join(_step_texts(r)))
+    ramps = [r for r in records if r["scenario"] == "proxy" and r["ok"] and "steps" in r["metrics"]]
+    if ramps:
+        lines += [
+            "",
+            "Streams through the OpenAI provider (`/v1/stream?provider=openai`) against "
+            "`bench/peers/openai_upstream.js` (Node), which runs on core 1 next to the load "
+            "generator; each step: streams: steady-state p99 lateness in ms (server / "
+            "generator / upstream CPU over the steady window, server CPU µs per chunk):",
+            "",
+        ]
+        for r in sorted(ramps, key=lambda r: _variant_order(r["variant"])):
+            lines.append(f"- {r['server']} {r['variant']}: " + "; ".join(_step_texts(r)))
     lines += ["", "Versions: " + "; ".join(f"{s}: {SERVERS[s].version()}" for s in servers), ""]
     charts = [p.name for p in sorted(RESULTS.glob("*.png"))]
     if charts:
         lines += ["Charts: " + ", ".join(f"[{c}]({c})" for c in charts), ""]
-    path = RESULTS / "RESULTS.md"
-    path.write_text("\n".join(lines))
-    return path
+    report = RESULTS / "RESULTS.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def _step_texts(r: dict[str, Any]) -> list[str]:
+    """One short text per step of a lateness ramp (tokens, proxy 50/s)."""
+    parts = []
+    for st in r["metrics"].get("steps", []):
+        cpu = st.get("cpu_steady") or st["cpu"]
+        lat = st.get("steady_lateness_ms") or st["lateness_ms"]
+        util = f"{cpu.get('server_util', 0):.0%}/{cpu['gen_util']:.0%}"
+        if "upstream_util" in cpu:
+            util += f"/{cpu['upstream_util']:.0%}"
+        if st.get("server_cpu_us_per_chunk") is not None:
+            util += f", {st['server_cpu_us_per_chunk']:.0f} µs"
+        parts.append(
+            f"{st['streams']}: {lat.get('p99', '—')} ({util})"
+            + ("" if st["held"] else f" ✗ (lost {st['lost']})")
+        )
+    return parts
 
 
 def write_charts(records: list[dict[str, Any]]) -> list[Path]:
@@ -1157,14 +1530,18 @@ def write_charts(records: list[dict[str, Any]]) -> list[Path]:
     return written
 
 
-def _variant_order(variant: str) -> tuple[float, str]:
-    """'1k x4pub' -> (1000, 'x4pub'): sizes in numeric order."""
+def _variant_order(variant: str) -> tuple[float, list[tuple[int, int | str]]]:
+    """'1k x4pub' -> (1000, [(1, 'x4pub')]): sizes in numeric order, then the words, the
+    OpenAI clients in OPENAI_CLIENTS order ('50/s sdk' before '50/s fast')."""
     head, _, rest = variant.partition(" ")
     try:
         size = float(head.rstrip("k")) * (1000 if head.endswith("k") else 1)
     except ValueError:
         size = float("inf")
-    return size, rest
+    words: list[tuple[int, int | str]] = [
+        (0, OPENAI_CLIENTS.index(w)) if w in OPENAI_CLIENTS else (1, w) for w in rest.split()
+    ]
+    return size, words
 
 
 def _save(fig: Any, name: str) -> Path:
@@ -1277,6 +1654,14 @@ def closing_note(records: list[dict[str, Any]]) -> str:
                 f"sseserver tokens: {m['max_streams_held']:,} concurrent 50 token/s streams "
                 f"held with p99 lateness {m['p99_ms_at_held']} ms (≤ {m['bound']:.0f} ms); "
                 f"first failing count {m['failed_at']}"
+            )
+        elif r["scenario"] == "proxy" and "steps" in m:
+            out.append(
+                f"sseserver proxy {r['variant']}: {m['max_streams_held']:,} concurrent 50 "
+                f"token/s streams through the OpenAI provider held with p99 lateness "
+                f"{m['p99_ms_at_held']} ms; first failing count {m['failed_at']}; server "
+                f"CPU {m['server_cpu_us_per_chunk']} µs per chunk "
+                f"(at {m['server_cpu_us_per_chunk_at']} streams)"
             )
     return "\n".join(out)
 
