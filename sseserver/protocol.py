@@ -216,7 +216,7 @@ class HTTPProtocol(asyncio.Protocol):
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint
-                code = {431: "head_too_large", 400: "bad_request"}.get(status, "bad_request")
+                code = {431: "head_too_large", 501: "not_implemented"}.get(status, "bad_request")
                 self._refuse(status, code, str(exc) or "malformed request")
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
@@ -246,6 +246,9 @@ class HTTPProtocol(asyncio.Protocol):
             # h11 only bounds a head that arrives in pieces; one that fits a read is ours.
             self._refuse(431, "head_too_large", "request head too large")
             return False
+        if event.http_version not in (b"1.0", b"1.1"):
+            self._refuse(505, "http_version_not_supported", "only HTTP/1.0 and 1.1 are served")
+            return False
         if not path.startswith("/") or "\x00" in path:
             self._refuse(400, "bad_request", "request target must be an absolute path")
             return False
@@ -260,6 +263,10 @@ class HTTPProtocol(asyncio.Protocol):
             received_at=time.monotonic(),
         )
         length = self._request.header("content-length")
+        if length is not None and self._request.header("transfer-encoding") is not None:
+            # Both framings at once is the shape of request smuggling (RFC 9112 §6.1).
+            self._refuse(400, "bad_request", "Content-Length and Transfer-Encoding together")
+            return False
         if length is not None and int(length) > config.max_body_bytes:
             self._refuse(413, "body_too_large", "request body too large")
             return False
