@@ -23,6 +23,8 @@ PATH = "/.well-known/mercure"
 MAX_TOPICS = 64
 MAX_TOPIC_LENGTH = 2048
 
+MAX_FIELDS = 1000  # topics and fields of one publish
+
 
 def _check_topics(topics: list[str]) -> tuple[str, ...]:
     if not topics or not all(topics):
@@ -92,14 +94,17 @@ def register(app: Application, ctx: Context) -> None:
                 415, "unsupported_media_type", "publish with application/x-www-form-urlencoded"
             )
         try:
-            form = parse_qs(
-                request.body.decode("utf-8"),
-                keep_blank_values=True,
-                strict_parsing=False,
-                max_num_fields=1000,
-            )
-        except (UnicodeDecodeError, ValueError):
+            text = request.body.decode("utf-8")
+        except UnicodeDecodeError:
             raise HTTPError(400, "bad_request", "body must be a UTF-8 form") from None
+        try:
+            form = parse_qs(
+                text, keep_blank_values=True, strict_parsing=False, max_num_fields=MAX_FIELDS
+            )
+        except ValueError:
+            raise HTTPError(
+                400, "bad_request", f"form has more than {MAX_FIELDS} fields"
+            ) from None
         topics = _check_topics(form.get("topic", []))
         claims = request.claims
         if claims is not None:
