@@ -14,6 +14,7 @@ Every result carries the generator's own CPU time (getrusage) next to the server
 (/proc/PID/stat) over the same window, so a reader can tell which side was saturated.
 
     python -m bench.loadgen idle   --port 8000 --server-pid PID --streams 10000
+    python -m bench.loadgen idle   ... --idle-kind subscriptions   # subscriptions to one topic
     python -m bench.loadgen tokens --port 8000 --server-pid PID --streams 1000 --tokens 150
     python -m bench.loadgen tokens ... --target "/v1/stream?provider=openai&q=..." --upstream-pid UP
     python -m bench.loadgen fanout --port 8000 --server-pid PID --subscribers 1000
@@ -97,10 +98,13 @@ class Meter:
     share beyond its own process (plus the kernel's loopback work) is noise from other
     programs on a shared machine.
 
-    A fake upstream sharing the generator's core (``--upstream-pid``, the proxy scenario)
-    is measured too (``upstream_cpu_s``, ``upstream_util``) and is not counted as noise."""
+    A process sharing the generator's core (``--upstream-pid``: the fake upstream of the
+    proxy scenario, the redis-server of sseserver-redis) is measured too
+    (``upstream_cpu_s``, ``upstream_util``; ``--upstream-name redis``: ``redis_cpu_s``,
+    ``redis_util``) and is not counted as noise."""
 
     upstream_pid = 0  # set from --upstream-pid
+    upstream_name = "upstream"  # set from --upstream-name: the prefix of its keys
 
     def __init__(self, server_pid: int | None) -> None:
         self.pid = server_pid
@@ -122,11 +126,12 @@ class Meter:
             srv = proc_cpu_s(self.pid) - self.srv
             out["server_cpu_s"] = round(srv, 3)
             out["server_util"] = round(srv / wall, 3) if wall > 0 else 0.0
+        name = self.upstream_name
         if self.upstream_pid:
             with contextlib.suppress(OSError):
                 up = proc_cpu_s(self.upstream_pid) - self.up
-                out["upstream_cpu_s"] = round(up, 3)
-                out["upstream_util"] = round(up / wall, 3) if wall > 0 else 0.0
+                out[f"{name}_cpu_s"] = round(up, 3)
+                out[f"{name}_util"] = round(up / wall, 3) if wall > 0 else 0.0
         if wall > 0:
             cores = cores_busy_s()
             for name in ("cpu0", "cpu1"):
@@ -138,7 +143,7 @@ class Meter:
             if "cpu0_busy" in out and "server_util" in out:
                 out["core0_other"] = round(max(0.0, out["cpu0_busy"] - out["server_util"]), 3)
             if "cpu1_busy" in out:
-                ours = out["gen_util"] + out.get("upstream_util", 0.0)
+                ours = out["gen_util"] + out.get(f"{name}_util", 0.0)
                 out["core1_other"] = round(max(0.0, out["cpu1_busy"] - ours), 3)
         return out
 
@@ -421,12 +426,20 @@ class IdleStream(HTTPStream):
             IdleStream.lost_after_open += 1
 
 
+IDLE_KINDS = ("generations", "subscriptions")
+IDLE_TOPIC = "idle"  # nobody publishes to it
+
+
 async def run_idle(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
+    """Hold N open streams with nothing to send: ``generations`` (``/v1/stream`` with the
+    first token 10 minutes away: each one a running generation) or ``subscriptions`` (to
+    one topic nobody publishes to). nchan has no generations: it always subscribes."""
     pid = args.server_pid
     host, port = args.host, args.port
+    kind = "subscriptions" if args.flavor == "nchan" else args.idle_kind
     target = (
-        sub_target(args.flavor, "idle")
-        if args.flavor == "nchan"
+        sub_target(args.flavor, IDLE_TOPIC)
+        if kind == "subscriptions"
         else stream_target(1, 0, 600_000)  # the first token is due in 10 minutes
     )
     request = get_request(host, port, target)
@@ -452,7 +465,9 @@ async def run_idle(args: argparse.Namespace, progress: Progress) -> dict[str, An
         curve.append((n, proc_rss_kb(pid)))
 
     progress.hooks.append(sample)
-    progress.start(lambda: f"idle: {curve[-1][0]}/{want} open, rss {curve[-1][1] / 1024:.0f} MB")
+    progress.start(
+        lambda: f"idle {kind}: {curve[-1][0]}/{want} open, rss {curve[-1][1] / 1024:.0f} MB"
+    )
     meter = Meter(pid)
     t0 = now()
     opened, failed = await open_many(
@@ -466,7 +481,7 @@ async def run_idle(args: argparse.Namespace, progress: Progress) -> dict[str, An
     open_s = now() - t0
     open_cpu = meter.read()
     progress.hooks.clear()
-    progress.start(lambda: f"idle: holding {len(opened)} streams")
+    progress.start(lambda: f"idle {kind}: holding {len(opened)} streams")
     await asyncio.sleep(args.settle_s)
     rss = proc_rss_kb(pid)
     still_open = sum(1 for s in opened if not s.closed)
@@ -479,6 +494,8 @@ async def run_idle(args: argparse.Namespace, progress: Progress) -> dict[str, An
     n = max(1, still_open)
     per_stream_kb = (rss - rss0) / n
     return {
+        "kind": kind,
+        "target": target,
         "requested": args.streams,
         "attempted": want,
         "capped_by": capped_by,
@@ -1305,6 +1322,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # idle
     p.add_argument("--streams", type=int, default=1000)
     p.add_argument("--settle-s", type=float, default=2.0)
+    p.add_argument(
+        "--idle-kind",
+        choices=IDLE_KINDS,
+        default="generations",
+        help="what each idle stream is: a /v1/stream generation with a far first token, or "
+        f"a subscription to topic {IDLE_TOPIC!r} (nchan: always a subscription)",
+    )
     # tokens
     p.add_argument("--tokens", type=int, default=150)
     p.add_argument("--interval-ms", type=float, default=20)
@@ -1336,7 +1360,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--upstream-pid",
         type=int,
         default=0,
-        help="fake upstream on this core: its CPU is reported and not counted as noise",
+        help="a process on this core (fake upstream, redis-server): its CPU is reported and "
+        "not counted as noise",
+    )
+    p.add_argument(
+        "--upstream-name",
+        default="upstream",
+        help="prefix of that process's CPU keys (upstream_util, redis_util, ...)",
     )
     p.add_argument("--cancel-wait-s", type=float, default=2.0)
     return p.parse_args(argv)
@@ -1345,6 +1375,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     Meter.upstream_pid = args.upstream_pid
+    Meter.upstream_name = args.upstream_name
     try:
         import uvloop
     except ImportError:  # pragma: no cover - bench extra installs it

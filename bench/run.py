@@ -5,6 +5,7 @@
     python -m bench.run --quick --only idle,tokens --servers sseserver
     python -m bench.run --quick --only fanout --servers sseserver --profile
     python -m bench.run --quick --only proxy --servers sseserver [--profile]
+    python -m bench.run --quick --only fanout --servers sseserver,sseserver-redis
 
 For each scenario and server: start the server pinned to core 0 (``taskset -c 0``) with
 RLIMIT_NOFILE raised to its hard limit, warm it up, run ``bench.loadgen`` pinned to core 1,
@@ -37,6 +38,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.loadgen import sub_target
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 PEERS = BENCH / "peers"
@@ -45,6 +48,7 @@ PY = sys.executable
 NODE = shutil.which("node") or "/usr/bin/node"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
+REDIS_SERVER = shutil.which("redis-server") or ""
 SERVER_CORE = "0"
 LOADGEN_CORE = "1"
 LATENESS_BOUND_MS = 50.0
@@ -52,7 +56,14 @@ NICE: list[str] = []  # ["nice", "-n", "-5"] with --nice -5: favour the measured
 
 ALL_SCENARIOS = ("idle", "tokens", "fanout", "ttft", "proxy", "cancel")
 DEFAULT_SCENARIOS = ("idle", "tokens", "fanout", "ttft")
-ALL_SERVERS = ("sseserver", "uvicorn", "aiohttp", "node", "nchan")
+# sseserver-redis: sseserver with --hub redis://... against a private redis-server (fanout
+# only); in the default list, skipped with the reason when redis-server is not on PATH.
+ALL_SERVERS = ("sseserver", "sseserver-redis", "uvicorn", "aiohttp", "node", "nchan")
+# idle holds either generations (/v1/stream with a far first token; records "idle") or
+# subscriptions to one topic nobody publishes to (records "idle-sub"): --idle-kinds
+IDLE_KINDS = {"generations": "idle", "subscriptions": "idle-sub"}
+# The order of the report's rows: scenarios as recorded (idle-sub is part of idle).
+REPORT_SCENARIOS = ("idle", "idle-sub", *ALL_SCENARIOS[1:])
 
 
 # -- settings ------------------------------------------------------------------------------
@@ -71,6 +82,9 @@ class Settings:
     ttft_requests: int
     proxy_steps: list[int]  # concurrent 50 token/s streams through the OpenAI provider
     proxy_bisect: int
+    # sseserver-redis runs only fanout, at these subscriber counts (--fanout-subscribers
+    # overrides them too)
+    redis_fanout_subscribers: list[int] = dataclasses.field(default_factory=lambda: [1000])
     settle_s: float = 2.0
 
 
@@ -113,6 +127,7 @@ class ServerSpec:
     argv: Callable[[int, Path], list[str]]
     available: Callable[[], str | None] = lambda: None  # None, or why it cannot run
     version: Callable[[], str] = lambda: ""
+    redis: bool = False  # runs against a private redis-server (RedisServer), --hub URL
 
 
 def _pkg_version(name: str) -> str:
@@ -146,23 +161,40 @@ def _python_peer(module: str, *packages: str) -> Callable[[], str | None]:
     return check
 
 
+def _sseserver_argv(port: int, tmp: Path) -> list[str]:
+    return [
+        *(PY, "-m", "bench.serve_sseserver", "--port", str(port)),
+        *("--log-level", "warning", "--shutdown-grace-s", "1"),
+    ]
+
+
+def _redis_available() -> str | None:
+    if not REDIS_SERVER:
+        return "redis-server not on PATH (Debian: apt-get install redis-server)"
+    if _pkg_version("redis") == "?":
+        return "missing Python package: redis (sseserver's Redis hub client)"
+    return None
+
+
 SERVERS: dict[str, ServerSpec] = {
     "sseserver": ServerSpec(
         "sseserver",
         "sseserver",
         ALL_SCENARIOS,
-        lambda port, tmp: [
-            PY,
-            "-m",
-            "bench.serve_sseserver",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--shutdown-grace-s",
-            "1",
-        ],
+        _sseserver_argv,
         version=lambda: _pkg_version("sseserver"),
+    ),
+    "sseserver-redis": ServerSpec(
+        "sseserver-redis",
+        "sseserver",
+        ("fanout",),
+        _sseserver_argv,  # + --hub redis://127.0.0.1:PORT/0 (Bench.server)
+        available=_redis_available,
+        version=lambda: (
+            f"{_pkg_version('sseserver')}, redis-py {_pkg_version('redis')}, "
+            + " ".join(_command_version([REDIS_SERVER or "redis-server", "--version"]).split()[:3])
+        ),
+        redis=True,
     ),
     "uvicorn": ServerSpec(
         "uvicorn",
@@ -238,6 +270,27 @@ def http_get(
         return 0, data
 
 
+def peek_stream(port: int, target: str, timeout: float = 5.0) -> int:
+    """Open a stream that does not end by itself (a subscription), read its response head,
+    close it; the status (0: no head within ``timeout``)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(
+            f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
+            "\r\n".encode()
+        )
+        data = b""
+        deadline = time.monotonic() + timeout
+        while b"\r\n\r\n" not in data and time.monotonic() < deadline:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    try:
+        return int(data[9:12])
+    except ValueError:
+        return 0
+
+
 def children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -286,6 +339,7 @@ class Server:
         )
         self.pid = self.proc.pid  # taskset execs the server: same PID
         self.measure_pid = self.pid
+        self.redis: RedisServer | None = None  # set by Bench.server for a spec.redis server
         try:
             self._wait_ready()
         except BaseException:
@@ -306,6 +360,16 @@ class Server:
             time.sleep(0.1)
         else:
             raise RuntimeError(f"{self.spec.name} not ready in {timeout_s}s: {self.log_tail()}")
+        while self.spec.redis:  # /readyz answers 200 once the Redis hub is connected
+            try:
+                status, _ = http_get(self.port, "/readyz", timeout=1.0)
+            except OSError:
+                status = 0
+            if status == 200:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.spec.name}: Redis hub not ready: {self.log_tail()}")
+            time.sleep(0.1)
         if self.spec.flavor == "nchan":
             kids = children(self.pid)
             if kids:
@@ -320,6 +384,8 @@ class Server:
         if self.spec.flavor != "nchan":
             for _ in range(3):
                 http_get(self.port, "/v1/stream?tokens=3&interval_ms=0", accept="text/event-stream")
+        for _ in range(3):  # and the subscription path (a topic of its own)
+            peek_stream(self.port, sub_target(self.spec.flavor, "warmup"))
         time.sleep(0.3)
 
     def log_tail(self, n: int = 1500) -> str:
@@ -342,6 +408,70 @@ class Server:
             if pid_alive(pid):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
+        self._log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class RedisServer:
+    """A private ``redis-server`` for sseserver-redis: a free loopback port, no persistence
+    (``--save '' --appendonly no``), pinned to the load generator's core (its CPU is
+    measured there as ``redis_util`` and not counted as noise); stopped by its PID."""
+
+    def __init__(self, say: Callable[[str], None], timeout_s: float = 10.0) -> None:
+        self.say = say
+        self.port = free_port()
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-redis-"))
+        self._log = open(self.tmp / "redis.log", "wb")
+        self.proc = subprocess.Popen(
+            [
+                *(*NICE, "taskset", "-c", LOADGEN_CORE, REDIS_SERVER),
+                *("--port", str(self.port), "--bind", "127.0.0.1", "--save", ""),
+                *("--appendonly", "no", "--daemonize", "no", "--dir", str(self.tmp)),
+            ],
+            cwd=self.tmp,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_raise_nofile,
+        )
+        self.pid = self.proc.pid  # taskset execs redis-server: same PID
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {self.log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server not ready in {timeout_s}s: {self.log_tail()}")
+
+    def log_tail(self, n: int = 800) -> str:
+        try:
+            return (self.tmp / "redis.log").read_bytes()[-n:].decode(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(8)
+            except subprocess.TimeoutExpired:
+                self.say("redis-server did not stop in 8 s after SIGTERM: SIGKILL")
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait(5)
         self._log.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -435,6 +565,7 @@ class Bench:
     settings: Settings
     run_id: str
     profile: bool = False
+    idle_kinds: tuple[str, ...] = tuple(IDLE_KINDS)
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def say(self, msg: str) -> None:
@@ -444,11 +575,22 @@ class Bench:
     def server(
         self, name: str, extra_args: list[str] | None = None, env: dict[str, str] | None = None
     ) -> Iterator[Server]:
-        srv = Server(SERVERS[name], self.say, extra_args, env)
+        """The server ``name``, started and warmed up; a spec.redis server first gets a
+        private redis-server (RedisServer) and ``--hub`` pointing at it. Both are stopped
+        by PID on the way out."""
+        spec = SERVERS[name]
+        redis = RedisServer(self.say) if spec.redis else None
         try:
-            yield srv
+            args = [*(extra_args or []), *(["--hub", redis.url] if redis else [])]
+            srv = Server(spec, self.say, args, env)
+            srv.redis = redis
+            try:
+                yield srv
+            finally:
+                srv.stop()
         finally:
-            srv.stop()
+            if redis is not None:
+                redis.stop()
 
     def loadgen(
         self,
@@ -479,6 +621,8 @@ class Bench:
             f"{srv.spec.name} {scenario}",
             *[str(a) for a in args],
         ]
+        if srv.redis is not None:  # on the generator's core: measured, not noise
+            argv += ["--upstream-pid", str(srv.redis.pid), "--upstream-name", "redis"]
         spy = self._start_profile(srv) if profile_as else None
         try:
             out = subprocess.run(
@@ -498,6 +642,8 @@ class Bench:
             raise RuntimeError(f"loadgen {scenario} failed (exit {out.returncode})")
         if srv.proc.poll() is not None:
             raise RuntimeError(f"{srv.spec.name} died during {scenario}: {srv.log_tail()}")
+        if srv.redis is not None and srv.redis.proc.poll() is not None:
+            raise RuntimeError(f"redis-server died during {scenario}: {srv.redis.log_tail()}")
         result: dict[str, Any] = json.loads(lines[-1])
         return result
 
@@ -603,26 +749,42 @@ class Bench:
     # -- scenarios -------------------------------------------------------------------------
 
     def idle(self, name: str) -> None:
-        for n in self.settings.idle_streams:
-            variant = f"{n // 1000}k"
-            self.say(f"{name} idle {variant}: opening {n} streams")
+        """N streams held open with nothing to send, of each kind in ``idle_kinds``:
+        generations (/v1/stream with a far first token: recorded as ``idle``) and
+        subscriptions to one topic nobody publishes to (recorded as ``idle-sub``). nchan
+        has no generations: it runs the subscriptions only."""
+        for kind in self.idle_kinds:
+            if kind == "generations" and SERVERS[name].flavor == "nchan":
+                continue
+            scenario = IDLE_KINDS[kind]
+            for n in self.settings.idle_streams:
+                self.idle_one(name, kind, scenario, n)
 
-            def attempt(n: int = n, variant: str = variant) -> dict[str, Any]:
-                with self.server(name) as srv:
-                    return self.loadgen(
-                        srv,
-                        "idle",
-                        ["--streams", n, "--settle-s", self.settings.settle_s, "--max-s", 180],
-                        timeout_s=400,
-                        profile_as=f"idle_{variant}" if self.profile else "",
-                    )
+    def idle_one(self, name: str, kind: str, scenario: str, n: int) -> None:
+        variant = f"{n // 1000}k"
+        what = f"{name} {scenario} {variant}"
+        self.say(f"{what}: opening {n} idle {kind}")
 
-            r = self.measure(f"{name} idle {variant}", attempt, lambda r: False)
-            self.say(
-                f"{name} idle {variant}: {r['held']} held, {r['rss_per_stream_kb']:.2f} KB/stream, "
-                f"{r['opened_per_s']:.0f} opened/s, {r['failures']} failures"
-            )
-            self.record("idle", variant, name, r)
+        def attempt() -> dict[str, Any]:
+            with self.server(name) as srv:
+                return self.loadgen(
+                    srv,
+                    "idle",
+                    [
+                        *("--streams", n, "--idle-kind", kind),
+                        *("--settle-s", self.settings.settle_s, "--max-s", 180),
+                    ],
+                    timeout_s=400,
+                    profile_as=f"{scenario.replace('-', '_')}_{variant}" if self.profile else "",
+                )
+
+        r = self.measure(what, attempt, lambda r: False)
+        self.say(
+            f"{what}: {r['held']} {kind} held, {r['rss_per_stream_kb']:.2f} KB/stream, "
+            f"{r['opened_per_s']:.0f} opened/s, {r['failures']} failures"
+            + (f" [capped by {r['capped_by']}]" if r.get("capped_by") else "")
+        )
+        self.record(scenario, variant, name, r)
 
     def ramp(
         self, steps: list[int], bisect: int, grain: int, step: Callable[[int], bool]
@@ -716,7 +878,8 @@ class Bench:
 
     def fanout(self, name: str) -> None:
         s = self.settings
-        for n in s.fanout_subscribers:
+        redis = SERVERS[name].redis
+        for n in s.redis_fanout_subscribers if redis else s.fanout_subscribers:
             for pubs in s.fanout_publishers:
                 variant = f"{n // 1000}k x{pubs}pub"
                 self.say(f"{name} fanout {variant}")
@@ -741,6 +904,7 @@ class Bench:
                     f"{r['server_cpu_us_per_delivery']} us/delivery, "
                     f"server {r['cpu'].get('server_util', 0):.0%} / "
                     f"generator {r['cpu']['gen_util']:.0%} cpu"
+                    + (f" + redis-server {r['cpu'].get('redis_util', 0):.0%}" if redis else "")
                 )
                 self.record("fanout", variant, name, r)
 

@@ -45,6 +45,9 @@ class Config:
     workers: int = 1
     provider: str = "synthetic"
     openai_base_url: str | None = None
+    # "sdk": the official openai SDK; "fast": the same requests and answers over plain httpx,
+    # for less CPU per chunk (providers/openai_fast.py).
+    openai_client: str = "sdk"
     gemini_base_url: str | None = None
     upstream_timeout_s: float = 30 * SECONDS
     # 15 s: under the 30-60 s idle timeouts of common proxies and load balancers.
@@ -102,6 +105,8 @@ class Config:
             raise ValueError("--port must be 0..65535")
         if self.log_format not in ("text", "json"):
             raise ValueError("--log-format must be 'text' or 'json'")
+        if self.openai_client not in ("sdk", "fast"):
+            raise ValueError("--openai-client must be 'sdk' or 'fast'")
         if self.loop not in ("auto", "asyncio", "uvloop"):
             raise ValueError("--loop must be auto, asyncio or uvloop")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):

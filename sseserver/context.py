@@ -36,6 +36,7 @@ def configured_providers(config: Config, environ: dict[str, str]) -> dict[str, P
     if config.provider == "openai" or config.openai_base_url or environ.get("OPENAI_API_KEY"):
         providers["openai"] = load(
             "openai",
+            client=config.openai_client,
             base_url=config.openai_base_url,
             api_key=environ.get("OPENAI_API_KEY"),
             timeout_s=timeout,

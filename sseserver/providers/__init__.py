@@ -13,14 +13,24 @@ PROVIDERS: dict[str, str] = {
     "gemini": "sseserver.providers.gemini:GeminiProvider",
 }
 
+# The classes that can serve a provider under its name, by client (``--openai-client``).
+CLIENTS: dict[str, dict[str, str]] = {
+    "openai": {
+        "sdk": PROVIDERS["openai"],
+        "fast": "sseserver.providers.openai_fast:FastOpenAIProvider",
+    },
+}
 
-def load(name: str, **options: Any) -> Provider:
-    """Create the provider registered as ``name``.
+
+def load(name: str, *, client: str | None = None, **options: Any) -> Provider:
+    """Create the provider registered as ``name``, with the class ``CLIENTS`` names for
+    ``client`` if given.
 
     Raises:
-        KeyError: no provider has that name.
+        KeyError: no provider has that name, or it has no such client.
     """
-    module_name, _, attr = PROVIDERS[name].partition(":")
+    target = PROVIDERS[name] if client is None else CLIENTS[name][client]
+    module_name, _, attr = target.partition(":")
     cls = getattr(importlib.import_module(module_name), attr)
     provider: Provider = cls(**options)
     return provider

@@ -22,7 +22,6 @@ from .streams import last_event_id
 PATH = "/.well-known/mercure"
 MAX_TOPICS = 64
 MAX_TOPIC_LENGTH = 2048
-
 MAX_FIELDS = 1000  # topics and fields of one publish
 
 

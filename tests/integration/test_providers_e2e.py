@@ -42,6 +42,8 @@ from tests.upstreams import expected_text
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 PROVIDERS = ("openai", "gemini")
+# --openai-client: every server test runs once per client of the openai provider.
+OPENAI_CLIENTS = ("sdk", "fast")
 UPSTREAM_TIMEOUT_S = 2.0
 CANCEL_BUDGET_S = 0.100  # SPEC §7: upstream connection closed within 100 ms
 LONG = "[fake tokens=100000 interval_ms=10]"  # ~17 minutes: only a cancel ends it
@@ -63,9 +65,10 @@ def upstreams() -> Iterator[dict[str, UpstreamProcess]]:
             up.stop()
 
 
-def _server_args(openai_url: str, gemini_url: str) -> tuple[str, ...]:
+def _server_args(openai_url: str, gemini_url: str, openai_client: str) -> tuple[str, ...]:
     return (
         "--openai-base-url", openai_url,
+        "--openai-client", openai_client,
         "--gemini-base-url", gemini_url,
         "--upstream-timeout-s", str(UPSTREAM_TIMEOUT_S),
         # The default already, said explicitly: with a grace period a generation whose
@@ -75,23 +78,32 @@ def _server_args(openai_url: str, gemini_url: str) -> tuple[str, ...]:
     )  # fmt: skip
 
 
+@pytest.fixture(scope="module", params=OPENAI_CLIENTS)
+def openai_client(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
 def server(
-    upstreams: dict[str, UpstreamProcess], tmp_path_factory: pytest.TempPathFactory
+    upstreams: dict[str, UpstreamProcess],
+    tmp_path_factory: pytest.TempPathFactory,
+    openai_client: str,
 ) -> Iterator[ServerProcess]:
     folder = tmp_path_factory.mktemp("sseserver")
-    args = _server_args(upstreams["openai"].base_url, upstreams["gemini"].base_url)
+    args = _server_args(upstreams["openai"].base_url, upstreams["gemini"].base_url, openai_client)
     with sseserver_running(folder, *args, name="e2e") as proc:
         yield proc
 
 
 @pytest.fixture(scope="module")
-def unreachable_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def unreachable_server(
+    tmp_path_factory: pytest.TempPathFactory, openai_client: str
+) -> Iterator[ServerProcess]:
     """A sseserver whose providers point at loopback ports where nothing listens."""
     folder = tmp_path_factory.mktemp("unreachable")
     with closed_port() as openai_port, closed_port() as gemini_port:
         args = _server_args(
-            f"http://127.0.0.1:{openai_port}/v1", f"http://127.0.0.1:{gemini_port}/"
+            f"http://127.0.0.1:{openai_port}/v1", f"http://127.0.0.1:{gemini_port}/", openai_client
         )
         with sseserver_running(folder, *args, name="unreachable") as proc:
             yield proc

@@ -1,6 +1,7 @@
 """Providers against local upstreams that speak the real wire formats, over loopback sockets.
 
-The real SDKs do the HTTP; the fakes (tests/upstreams) record each connection's close time,
+The real SDKs do the HTTP (and, as kind ``openai-fast``, the SDK-less client that
+``--openai-client fast`` selects); the fakes (tests/upstreams) record each connection's close time,
 so "the upstream connection is closed within 100 ms of a cancel" (SPEC §7) is measured at
 the upstream's socket, not inferred from the client side.
 """
@@ -39,6 +40,7 @@ from sseserver.providers.base import (
 )
 from sseserver.providers.gemini import GeminiProvider
 from sseserver.providers.openai import OpenAIProvider
+from sseserver.providers.openai_fast import FastOpenAIProvider
 from tests.upstreams import ConnectionRecord, FakeUpstream, expected_text
 from tests.upstreams.gemini_wire import GeminiWire
 from tests.upstreams.openai_wire import OpenAIWire
@@ -49,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # The concrete classes, not the Provider protocol: their ``stream`` is an async generator,
 # which ``contextlib.aclosing`` and ``aclose()`` need.
-AnyProvider = OpenAIProvider | GeminiProvider
+AnyProvider = OpenAIProvider | FastOpenAIProvider | GeminiProvider
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +60,16 @@ class Kind:
     wire: type[FakeUpstream]
     provider: Callable[..., AnyProvider]
 
+    @property
+    def api(self) -> str:
+        """The API spoken: "openai" for both OpenAI clients."""
+        return self.wire.api_name
+
 
 KINDS = [
     Kind("openai", OpenAIWire, OpenAIProvider),
     Kind("gemini", GeminiWire, GeminiProvider),
+    Kind("openai-fast", OpenAIWire, FastOpenAIProvider),
 ]
 
 
@@ -137,7 +145,7 @@ async def test_deltas_in_order_then_finish_and_usage(env: Env) -> None:
     assert last.usage.total_tokens == 13
 
     body = env.up.requests[-1].json()
-    if env.kind.name == "openai":
+    if env.kind.api == "openai":
         assert body["model"] == "gpt-4o-mini"
         assert body["stream"] is True
         assert body["stream_options"] == {"include_usage": True}
@@ -163,7 +171,7 @@ async def test_history_roles_and_model_pass_through(env: Env) -> None:
     await collect(env.provider, request)
     req = env.up.requests[-1]
     body = req.json()
-    if env.kind.name == "openai":
+    if env.kind.api == "openai":
         assert body["model"] == "some-model"
         assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
     else:
@@ -422,10 +430,82 @@ async def test_cancel_latency_distribution(kind: Kind) -> None:
             results[way] = [await CANCEL_WAYS[way](env) for _ in range(tries)]
     for way, lat in results.items():
         print(
-            f"\n{kind.name:7} {way:28} n={len(lat)} median={statistics.median(lat) * 1000:.2f} ms"
+            f"\n{kind.name:11} {way:28} n={len(lat)} median={statistics.median(lat) * 1000:.2f} ms"
             f" worst={max(lat) * 1000:.2f} ms"
         )
         assert max(lat) < CANCEL_BUDGET_S
+
+
+# --------------------------------------------------------------------------------------
+# --openai-client: the SDK and the fast client are exchangeable
+# --------------------------------------------------------------------------------------
+
+SDK_KIND, FAST_KIND = (next(k for k in KINDS if k.name == n) for n in ("openai", "openai-fast"))
+
+EQUIVALENT_REQUESTS = {
+    "tokens-system-params": ask(
+        "hello there [fake tokens=7]", system="Be brief.", temperature=0.25, max_tokens=50
+    ),
+    "finish-length": ask("[fake tokens=9]", max_tokens=3),
+    "one-token": ask("one two three [fake tokens=1]"),
+    "no-text": ask("[fake tokens=0]"),
+    "history-and-model": GenerationRequest(
+        model="some-model",
+        messages=(Message("user", "a"), Message("assistant", "b"), Message("user", "c d")),
+        temperature=0.0,
+    ),
+    "slow-tokens": ask("[fake tokens=4 interval_ms=5 ttft_ms=20]"),
+}
+EQUIVALENT_FAILURES = [f[0] for f in FAILURES] + [
+    "fail=429",  # the fake's default Retry-After: 1
+    "fail=error_event after=1",
+    "fail=error_event after=0",
+    "fail=409",
+    "fail=418",
+    "fail=502 retry_after=0.25",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """All a client's caller can tell of one generation, and what the upstream received."""
+
+    deltas: list[Delta]
+    error: tuple[type[ProviderError], str, str, bool, int | None, float | None] | None
+    sent: Any  # the request body, as JSON
+    headers: dict[str, str]  # the request headers that matter upstream
+
+
+async def outcome(kind: Kind, request: GenerationRequest) -> Outcome:
+    async with environment(kind, timeout_s=0.3) as env:
+        deltas: list[Delta] = []
+        error = None
+        try:
+            async for d in env.provider.stream(request):
+                deltas.append(d)
+        except ProviderError as exc:
+            error = (type(exc), exc.code, exc.message, exc.retryable, exc.status, exc.retry_after_s)
+        req = env.up.requests[-1]
+        names = ("authorization", "content-type", "accept")
+        return Outcome(deltas, error, req.json(), {n: req.headers[n] for n in names})
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", list(EQUIVALENT_REQUESTS))
+async def test_openai_clients_give_the_same_deltas(name: str) -> None:
+    request = EQUIVALENT_REQUESTS[name]
+    sdk, fast = await outcome(SDK_KIND, request), await outcome(FAST_KIND, request)
+    assert sdk.error is None and sdk.deltas[-1].finish_reason is not None
+    assert fast == sdk
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("directive", EQUIVALENT_FAILURES)
+async def test_openai_clients_fail_alike(directive: str) -> None:
+    request = ask(f"x [fake tokens=5 {directive}]", max_tokens=20)
+    sdk, fast = await outcome(SDK_KIND, request), await outcome(FAST_KIND, request)
+    assert sdk.error is not None
+    assert fast == sdk
 
 
 # --------------------------------------------------------------------------------------
@@ -521,9 +601,9 @@ async def subprocess_upstream(module: str) -> AsyncIterator[str]:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind", KINDS, ids=[k.name for k in KINDS])
 async def test_fake_upstream_as_subprocess(kind: Kind) -> None:
-    module = f"tests.upstreams.{kind.name}_wire"
+    module = f"tests.upstreams.{kind.api}_wire"
     async with subprocess_upstream(module) as url, httpx.AsyncClient(base_url=url) as control:
-        base_url = f"{url}/v1" if kind.name == "openai" else f"{url}/"
+        base_url = f"{url}/v1" if kind.api == "openai" else f"{url}/"
         provider = kind.provider(base_url=base_url, timeout_s=5)
         try:
             deltas = await collect(provider, ask("[fake tokens=3]"))
@@ -548,6 +628,31 @@ async def test_fake_upstream_as_subprocess(kind: Kind) -> None:
             assert (await control.post("/_fake/reset")).json() == {"ok": True}
         finally:
             await provider.aclose()
+
+
+@pytest.mark.timeout(120)
+async def test_fast_openai_client_costs_less_cpu_per_chunk() -> None:
+    """What --openai-client fast is for: the client's CPU per chunk, against the fake in a
+    process of its own at interval 0 (CHUNK_COST_N chunks, default 5000; -s shows it)."""
+    n = int(os.environ.get("CHUNK_COST_N", "5000"))
+    cost: dict[str, float] = {}
+    async with subprocess_upstream("tests.upstreams.openai_wire") as url:
+        for kind in (SDK_KIND, FAST_KIND):
+            provider = kind.provider(base_url=f"{url}/v1", timeout_s=5)
+            try:
+                await collect(provider, ask("[fake tokens=20]"))  # imports, connection, caches
+                cpu = time.process_time()
+                deltas = await collect(provider, ask(f"[fake tokens={n}]"))
+                cost[kind.name] = (time.process_time() - cpu) / n * 1e6
+            finally:
+                await provider.aclose()
+            assert "".join(d.text for d in deltas) == expected_text(n)
+    print(
+        f"\nclient CPU per chunk over {n} chunks at interval 0: "
+        + ", ".join(f"{name} {us:.1f} µs" for name, us in cost.items())
+        + f" ({cost['openai'] / cost['openai-fast']:.1f}x)"
+    )
+    assert cost["openai-fast"] < cost["openai"] / 2
 
 
 # --------------------------------------------------------------------------------------

@@ -67,6 +67,7 @@ OPTIONS: dict[str, tuple[str, Any, str, Any]] = {
     "workers": ("3", 3, "4", 4),
     "provider": ("openai", "openai", "gemini", "gemini"),
     "openai_base_url": ("http://a:1/v1", "http://a:1/v1", "http://b:2/v1", "http://b:2/v1"),
+    "openai_client": ("fast", "fast", "sdk", "sdk"),
     "gemini_base_url": ("http://g:1", "http://g:1", "http://h:2", "http://h:2"),
     "upstream_timeout_s": ("2.5", 2.5, "7", 7.0),
     "heartbeat_s": ("0.5", 0.5, "20", 20.0),
@@ -146,6 +147,12 @@ def test_empty_environment_value_means_default(name: str) -> None:
     assert getattr(load_config([], {_env(name): ""}), name) == getattr(Config(), name)
 
 
+def test_openai_client_defaults_to_the_sdk() -> None:
+    # SPEC §7 names the official SDK; the fast client is chosen, never assumed.
+    assert Config().openai_client == "sdk"
+    assert load_config([], {"SSESERVER_OPENAI_CLIENT": "fast"}).openai_client == "fast"
+
+
 def test_unrelated_environment_is_ignored() -> None:
     env = {
         "SSESERVER_NO_SUCH_OPTION": "1",
@@ -214,6 +221,7 @@ def test_unparsable_environment_names_the_variable(env: str, value: str) -> None
         ("SSESERVER_PORT", "70000", "--port"),
         ("SSESERVER_HEARTBEAT_S", "0", "--heartbeat-s"),
         ("SSESERVER_LOG_FORMAT", "xml", "--log-format"),
+        ("SSESERVER_OPENAI_CLIENT", "httpx", "--openai-client"),
         ("SSESERVER_HUB", "postgres://db", "--hub"),
     ],
 )
@@ -361,6 +369,8 @@ def test_validate_port_accepts(port: int) -> None:
         ({"log_format": "xml"}, "--log-format"),
         ({"log_format": "JSON"}, "--log-format"),
         ({"loop": "trio"}, "--loop"),
+        ({"openai_client": "turbo"}, "--openai-client"),
+        ({"openai_client": "FAST"}, "--openai-client"),
         ({"hub": "postgres://x"}, "--hub"),
         ({"hub": "redis"}, "--hub"),
         # An unknown level would only blow up later, inside logging.setLevel().

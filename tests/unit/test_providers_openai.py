@@ -1,5 +1,8 @@
 """sseserver.providers.openai without sockets: recorded wire chunks replayed to the real
-``openai`` SDK through ``httpx.MockTransport`` (socket tests: tests/protocol)."""
+``openai`` SDK through ``httpx.MockTransport`` (socket tests: tests/protocol).
+
+Every test runs for both clients of the provider (``--openai-client``): the SDK and the
+SDK-less ``openai_fast``; tests/unit/test_providers_openai_fast.py holds them side by side."""
 
 from __future__ import annotations
 
@@ -29,6 +32,11 @@ from sseserver.providers.base import (
     Usage,
 )
 from sseserver.providers.openai import PLACEHOLDER_API_KEY, OpenAIProvider, retry_after
+from sseserver.providers.openai_fast import FastOpenAIProvider
+
+AnyOpenAI = OpenAIProvider | FastOpenAIProvider
+ClientClass = type[OpenAIProvider] | type[FastOpenAIProvider]
+CLIENTS: dict[str, ClientClass] = {"sdk": OpenAIProvider, "fast": FastOpenAIProvider}
 
 BASE_URL = "http://openai.test/v1"
 
@@ -51,6 +59,12 @@ RECORDED = [
     b':2,"total_tokens":11}}\n\n',
     b"data: [DONE]\n\n",
 ]
+
+
+@pytest.fixture(params=list(CLIENTS))
+def client_cls(request: pytest.FixtureRequest) -> ClientClass:
+    """The provider's class for each ``--openai-client``."""
+    return CLIENTS[request.param]
 
 
 @pytest.fixture(autouse=True)
@@ -113,25 +127,25 @@ def chunk(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
-def provider_for(upstream: Upstream, **kw: Any) -> OpenAIProvider:
+def provider_for(client_cls: ClientClass, upstream: Upstream, **kw: Any) -> AnyOpenAI:
     kw.setdefault("api_key", "sk-test")
-    return OpenAIProvider(base_url=BASE_URL, transport=httpx.MockTransport(upstream), **kw)
+    return client_cls(base_url=BASE_URL, transport=httpx.MockTransport(upstream), **kw)
 
 
 def ask(text: str = "hi", **kw: Any) -> GenerationRequest:
     return GenerationRequest(model=None, messages=(Message("user", text),), **kw)
 
 
-async def run(provider: OpenAIProvider, request: GenerationRequest | None = None) -> list[Delta]:
+async def run(provider: AnyOpenAI, request: GenerationRequest | None = None) -> list[Delta]:
     try:
         return [d async for d in provider.stream(request or ask())]
     finally:
         await provider.aclose()
 
 
-async def test_recorded_stream_gives_deltas_then_finish_and_usage() -> None:
+async def test_recorded_stream_gives_deltas_then_finish_and_usage(client_cls: ClientClass) -> None:
     body = Body(RECORDED)
-    deltas = await run(provider_for(Upstream(sse_response(body))))
+    deltas = await run(provider_for(client_cls, Upstream(sse_response(body))))
     assert deltas == [
         Delta(text="Hel"),
         Delta(text="lo!"),
@@ -140,7 +154,7 @@ async def test_recorded_stream_gives_deltas_then_finish_and_usage() -> None:
     assert body.closed
 
 
-async def test_request_carries_model_system_and_parameters() -> None:
+async def test_request_carries_model_system_and_parameters(client_cls: ClientClass) -> None:
     upstream = Upstream(sse_response(Body(RECORDED)))
     request = GenerationRequest(
         model="gpt-test",
@@ -149,7 +163,7 @@ async def test_request_carries_model_system_and_parameters() -> None:
         temperature=0.5,
         max_tokens=20,
     )
-    await run(provider_for(upstream), request)
+    await run(provider_for(client_cls, upstream), request)
     sent = upstream.requests[-1]
     assert sent.url == "http://openai.test/v1/chat/completions"
     assert sent.headers["authorization"] == "Bearer sk-test"
@@ -168,9 +182,11 @@ async def test_request_carries_model_system_and_parameters() -> None:
     }
 
 
-async def test_unset_parameters_are_not_sent_and_default_model_is_used() -> None:
+async def test_unset_parameters_are_not_sent_and_default_model_is_used(
+    client_cls: ClientClass,
+) -> None:
     upstream = Upstream(sse_response(Body(RECORDED)))
-    await run(provider_for(upstream, default_model="my-default"))
+    await run(provider_for(client_cls, upstream, default_model="my-default"))
     body = upstream.body()
     assert body["model"] == "my-default"
     assert "temperature" not in body and "max_tokens" not in body
@@ -186,17 +202,21 @@ async def test_unset_parameters_are_not_sent_and_default_model_is_used() -> None
     ],
 )
 async def test_api_key_fallbacks(
-    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], given: str | None, expected: str
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    given: str | None,
+    expected: str,
+    client_cls: ClientClass,
 ) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     upstream = Upstream(sse_response(Body(RECORDED)))
-    await run(provider_for(upstream, api_key=given))
+    await run(provider_for(client_cls, upstream, api_key=given))
     assert upstream.requests[-1].headers["authorization"] == f"Bearer {expected}"
 
 
-async def test_usage_chunk_with_null_choices_as_vllm_sends_it() -> None:
+async def test_usage_chunk_with_null_choices_as_vllm_sends_it(client_cls: ClientClass) -> None:
     chunks = [
         *RECORDED[:4],
         chunk(
@@ -211,18 +231,22 @@ async def test_usage_chunk_with_null_choices_as_vllm_sends_it() -> None:
         ),
         b"data: [DONE]\n\n",
     ]
-    deltas = await run(provider_for(Upstream(sse_response(Body(chunks)))))
+    deltas = await run(provider_for(client_cls, Upstream(sse_response(Body(chunks)))))
     assert deltas[-1] == Delta(finish_reason="stop", usage=Usage(1, 2, 3))
 
 
-async def test_stream_without_usage_still_finishes() -> None:
-    deltas = await run(provider_for(Upstream(sse_response(Body([*RECORDED[:4], RECORDED[5]])))))
+async def test_stream_without_usage_still_finishes(client_cls: ClientClass) -> None:
+    deltas = await run(
+        provider_for(client_cls, Upstream(sse_response(Body([*RECORDED[:4], RECORDED[5]]))))
+    )
     assert deltas[-1] == Delta(finish_reason="stop", usage=None)
 
 
-async def test_stream_ending_before_finish_reason_is_a_dropped_connection() -> None:
+async def test_stream_ending_before_finish_reason_is_a_dropped_connection(
+    client_cls: ClientClass,
+) -> None:
     with pytest.raises(UpstreamConnectionError) as info:
-        await run(provider_for(Upstream(sse_response(Body(RECORDED[:2])))))
+        await run(provider_for(client_cls, Upstream(sse_response(Body(RECORDED[:2])))))
     assert info.value.retryable
 
 
@@ -244,7 +268,12 @@ STATUS_CASES: list[tuple[int, dict[str, str], str, bool, float | None]] = [
 
 @pytest.mark.parametrize(("status", "headers", "code", "retryable", "wait"), STATUS_CASES)
 async def test_http_status_maps_to_upstream_http_error(
-    status: int, headers: dict[str, str], code: str, retryable: bool, wait: float | None
+    status: int,
+    headers: dict[str, str],
+    code: str,
+    retryable: bool,
+    wait: float | None,
+    client_cls: ClientClass,
 ) -> None:
     body = {
         "error": {
@@ -256,7 +285,7 @@ async def test_http_status_maps_to_upstream_http_error(
     }
     upstream = Upstream(lambda r: httpx.Response(status, headers=headers, json=body))
     with pytest.raises(UpstreamHTTPError) as info:
-        await run(provider_for(upstream))
+        await run(provider_for(client_cls, upstream))
     exc = info.value
     assert (exc.code, exc.retryable, exc.status, exc.retry_after_s) == (
         code,
@@ -285,9 +314,11 @@ def raising(exc: Exception) -> Callable[[httpx.Request], httpx.Response]:
         (httpx.RemoteProtocolError("bad"), UpstreamConnectionError),
     ],
 )
-async def test_transport_failure_before_answer(exc: Exception, cls: type[ProviderError]) -> None:
+async def test_transport_failure_before_answer(
+    exc: Exception, cls: type[ProviderError], client_cls: ClientClass
+) -> None:
     with pytest.raises(cls) as info:
-        await run(provider_for(Upstream(raising(exc))))
+        await run(provider_for(client_cls, Upstream(raising(exc))))
     assert info.value.retryable
 
 
@@ -299,11 +330,13 @@ async def test_transport_failure_before_answer(exc: Exception, cls: type[Provide
         (httpx.ReadTimeout("t"), UpstreamTimeout),
     ],
 )
-async def test_transport_failure_mid_stream(failure: Exception, cls: type[ProviderError]) -> None:
+async def test_transport_failure_mid_stream(
+    failure: Exception, cls: type[ProviderError], client_cls: ClientClass
+) -> None:
     body = Body([*RECORDED[:3], failure])
     got: list[Delta] = []
     with pytest.raises(cls) as info:
-        provider = provider_for(Upstream(sse_response(body)))
+        provider = provider_for(client_cls, Upstream(sse_response(body)))
         try:
             async for d in provider.stream(ask()):
                 got.append(d)
@@ -326,25 +359,25 @@ async def test_transport_failure_mid_stream(failure: Exception, cls: type[Provid
         chunk({"id": "x", "choices": [], "usage": {"prompt_tokens": "many"}}),
     ],
 )
-async def test_malformed_chunk_is_protocol_error(bad: bytes) -> None:
+async def test_malformed_chunk_is_protocol_error(bad: bytes, client_cls: ClientClass) -> None:
     body = Body([RECORDED[0], bad, *RECORDED[1:]])
     with pytest.raises(UpstreamProtocolError) as info:
-        await run(provider_for(Upstream(sse_response(body))))
+        await run(provider_for(client_cls, Upstream(sse_response(body))))
     assert not info.value.retryable
     assert body.closed
 
 
-async def test_error_event_in_stream_is_retryable_provider_error() -> None:
+async def test_error_event_in_stream_is_retryable_provider_error(client_cls: ClientClass) -> None:
     body = Body([RECORDED[0], chunk({"error": {"message": "overloaded", "type": "server_error"}})])
     with pytest.raises(ProviderError) as info:
-        await run(provider_for(Upstream(sse_response(body))))
+        await run(provider_for(client_cls, Upstream(sse_response(body))))
     assert info.value.retryable
     assert "overloaded" not in info.value.message
 
 
-async def test_generator_aclose_mid_stream_closes_the_response() -> None:
+async def test_generator_aclose_mid_stream_closes_the_response(client_cls: ClientClass) -> None:
     body = Body(RECORDED, gate=asyncio.Event())
-    provider = provider_for(Upstream(sse_response(body)))
+    provider = provider_for(client_cls, Upstream(sse_response(body)))
     gen = provider.stream(ask())
     assert await anext(gen) == Delta(text="Hel")
     assert not body.closed
@@ -353,10 +386,12 @@ async def test_generator_aclose_mid_stream_closes_the_response() -> None:
     await provider.aclose()
 
 
-async def test_cancelling_the_consumer_closes_the_response_and_propagates() -> None:
+async def test_cancelling_the_consumer_closes_the_response_and_propagates(
+    client_cls: ClientClass,
+) -> None:
     gate = asyncio.Event()  # never set: the body stalls after two chunks
     body = Body(RECORDED, gate=gate)
-    provider = provider_for(Upstream(sse_response(body)))
+    provider = provider_for(client_cls, Upstream(sse_response(body)))
     first = asyncio.Event()
 
     async def consume() -> None:
@@ -373,10 +408,11 @@ async def test_cancelling_the_consumer_closes_the_response_and_propagates() -> N
     await provider.aclose()
 
 
-async def test_registry_loads_the_provider() -> None:
-    provider = load("openai", base_url=BASE_URL, api_key="k", default_model="m")
+@pytest.mark.parametrize("client", [None, *CLIENTS])
+async def test_registry_loads_the_provider(client: str | None) -> None:
+    provider = load("openai", client=client, base_url=BASE_URL, api_key="k", default_model="m")
     try:
-        assert isinstance(provider, OpenAIProvider)
+        assert type(provider) is CLIENTS[client or "sdk"]
         assert (provider.name, provider.default_model) == ("openai", "m")
     finally:
         await provider.aclose()
@@ -405,9 +441,11 @@ def test_retry_after_forms() -> None:
         ask(max_tokens=0),
     ],
 )
-async def test_validate_refuses_before_sending(request_: GenerationRequest) -> None:
+async def test_validate_refuses_before_sending(
+    request_: GenerationRequest, client_cls: ClientClass
+) -> None:
     upstream = Upstream(sse_response(Body(RECORDED)))
-    provider = provider_for(upstream)
+    provider = provider_for(client_cls, upstream)
     with pytest.raises(BadRequest):
         provider.validate(request_)
     with pytest.raises(BadRequest):
@@ -415,9 +453,10 @@ async def test_validate_refuses_before_sending(request_: GenerationRequest) -> N
     assert upstream.requests == []
 
 
-async def test_models_offered() -> None:
-    official = OpenAIProvider(api_key="k")
-    compatible = OpenAIProvider(base_url=BASE_URL, api_key="k", default_model="llama3")
+async def test_models_offered(client_cls: ClientClass, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    official = client_cls(api_key="k")
+    compatible = client_cls(base_url=BASE_URL, api_key="k", default_model="llama3")
     try:
         assert official.models[0] == "gpt-4o-mini" and len(official.models) > 1
         assert compatible.models == ("llama3",)  # another server's names are unknown
