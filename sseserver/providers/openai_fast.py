@@ -1,0 +1,239 @@
+"""The ``openai`` provider without the SDK (``--openai-client fast``): the same request, the
+same deltas and the same errors as ``openai.py``, for a fraction of the work per chunk.
+
+The SDK builds a pydantic model for every ``chat.completion.chunk`` and decodes SSE one
+line at a time through layers of generators; at thousands of proxied streams per process
+that is where the CPU goes. Here one ``httpx.AsyncClient`` per provider (``openai_wire``
+creates it) streams ``POST {base_url}/chat/completions``, each network read is split into
+SSE lines in one pass, and each event's data goes through ``json.loads`` into plain dicts
+that ``openai_wire.ChunkReader`` reads, as it reads the SDK's models.
+
+What the SDK does that this module does as well, on purpose (so the two stay exchangeable;
+tests/unit/test_providers_openai_fast.py replays the same bytes to both):
+- SSE as ``openai._streaming.SSEDecoder`` reads it: lines end at CR, LF or CRLF; each line
+  must be UTF-8; ``data`` lines join with LF; an ``id`` once seen makes every later blank
+  line an event; data starting ``[DONE]`` ends the answer; ``event: thread.*`` events are
+  Assistants events that carry no chat chunk.
+- After ``[DONE]`` the rest of the body (the chunked terminator) is read for at most 100 ms,
+  so that the connection can go back to the pool (the SDK's ``drain_response_async``).
+- ``{"error": ...}`` with a truthy error is an upstream failure; error answers are read to
+  their end, and their ``error.code`` named in the message.
+- Headers that matter upstream: ``Authorization: Bearer``, JSON ``Accept``/``Content-Type``,
+  and ``OpenAI-Organization``/``OpenAI-Project`` from ``OPENAI_ORG_ID``/``OPENAI_PROJECT_ID``.
+
+Deliberate divergences: the SDK's telemetry headers (``User-Agent: AsyncOpenAI/Python``,
+``X-Stainless-*``) are not sent, and neither are ``OPENAI_CUSTOM_HEADERS`` (openai 3.x).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from typing import Any
+
+import httpx
+
+from sseserver.providers.base import Delta, GenerationRequest
+from sseserver.providers.openai_wire import (
+    TRANSPORT_ERRORS,
+    ChunkReader,
+    OpenAIBase,
+    error_event,
+    not_json,
+    status_error,
+)
+
+# The SDK's bound on reading what follows [DONE] before it closes the connection instead.
+DRAIN_TIMEOUT_S = 0.100
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_DATA = b"data: "  # (6 bytes) the common line, read without the general field parse
+
+
+class UpstreamEventError(Exception):
+    """An ``{"error": ...}`` event: its error object, the ``__cause__`` for the server log."""
+
+
+class EventDecoder:
+    """Server-sent events from network reads, as the openai SDK decodes them.
+
+    ``feed`` is a generator so that, as in the SDK, a line is decoded only when the events
+    before it have been taken: a consumer that stops at ``[DONE]`` never sees what follows.
+    """
+
+    __slots__ = ("_data", "_event", "_last_id", "_partial", "_retry", "_skip_lf")
+
+    def __init__(self) -> None:
+        self._partial = b""  # an unterminated last line
+        self._skip_lf = False  # the last read ended in CR: a leading LF ends no line
+        self._event: str | None = None
+        self._data: list[str] = []
+        self._last_id: str | None = None
+        self._retry: int | None = None
+
+    def feed(self, chunk: bytes) -> Iterator[tuple[str | None, str]]:
+        """(event type or None, data) of each event that ``chunk`` completes.
+
+        Raises:
+            UnicodeDecodeError: a line is not UTF-8.
+        """
+        if not chunk:
+            return
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            lines = _LINE_END.split(chunk)
+            self._skip_lf = chunk[-1:] == b"\r"
+        else:
+            lines = chunk.split(b"\n")
+        if self._partial:
+            lines[0] = self._partial + lines[0]
+        self._partial = lines.pop()
+        for line in lines:
+            if line.startswith(_DATA):
+                self._data.append(line[6:].decode())
+            elif line:
+                self._field(line.decode())
+            elif self._event or self._data or self._last_id or self._retry is not None:
+                event = self._event or None
+                data = self._data[0] if len(self._data) == 1 else "\n".join(self._data)
+                self._event, self._data, self._retry = None, [], None  # the id stays
+                yield event, data
+
+    def close(self) -> None:
+        """The end of the body: an unterminated line ends no event, but must be UTF-8.
+
+        Raises:
+            UnicodeDecodeError: it is not.
+        """
+        self._partial.decode()
+
+    def _field(self, line: str) -> None:
+        if line[0] == ":":
+            return  # a comment
+        name, _, value = line.partition(":")
+        if value[:1] == " ":
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            if "\0" not in value:
+                self._last_id = value
+        elif name == "retry":
+            with contextlib.suppress(ValueError):
+                self._retry = int(value)
+
+
+class FastOpenAIProvider(OpenAIBase):
+    """Streams chat completions over plain httpx; one instance (and pool) per server."""
+
+    def _http_options(self) -> dict[str, Any]:
+        headers = {
+            "Authorization": f"Bearer {self.api_key}",
+            "Accept": "application/json",
+            "Content-Type": "application/json",
+        }
+        for header, env in (
+            ("OpenAI-Organization", "OPENAI_ORG_ID"),
+            ("OpenAI-Project", "OPENAI_PROJECT_ID"),
+        ):
+            if (value := os.environ.get(env)) is not None:
+                headers[header] = value
+        return {"base_url": self.base_url, "headers": headers}
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        """Text deltas in order, then one ``Delta`` with ``finish_reason`` and ``usage``.
+
+        Raises:
+            BadRequest: see ``validate``.
+            ProviderError: a subclass telling what failed upstream.
+        """
+        self.validate(request)
+        body = json.dumps(self._arguments(request), separators=(",", ":"), ensure_ascii=False)
+        http_request = self._http.build_request("POST", "chat/completions", content=body)
+        response: httpx.Response | None = None
+        try:
+            try:
+                response = await self._http.send(http_request, stream=True)
+                if not response.is_success:
+                    await response.aread()
+            except TRANSPORT_ERRORS as exc:
+                raise self._transport_error(exc, started=False) from exc
+            if not response.is_success:
+                code, message = _error_detail(response.text)
+                said = f"Error code: {response.status_code}" + (f" - {message}" if message else "")
+                cause = httpx.HTTPStatusError(said, request=http_request, response=response)
+                raise status_error(response.status_code, response.headers, code) from cause
+
+            reader = ChunkReader(_json_fields)
+            decoder = EventDecoder()
+            chunks = response.aiter_bytes()
+            done = False
+            try:
+                async for data in chunks:
+                    for event, payload in decoder.feed(data):
+                        if payload.startswith("[DONE]"):
+                            done = True
+                            break
+                        chunk = json.loads(payload)
+                        if event is not None and event.startswith("thread."):
+                            continue  # an Assistants event: no chat chunk in it
+                        if isinstance(chunk, dict) and chunk.get("error"):
+                            raise error_event() from UpstreamEventError(chunk["error"])
+                        text = reader.read(chunk)
+                        if text:
+                            yield Delta(text=text)
+                    if done:
+                        if response.http_version == "HTTP/1.1":
+                            await _drain(chunks)
+                        break
+                else:
+                    decoder.close()
+            except TRANSPORT_ERRORS as exc:
+                raise self._transport_error(exc, started=True) from exc
+            except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
+                raise not_json() from exc
+            yield reader.last()
+        finally:
+            # Runs on cancellation and aclose() too: closes the response, and with it the
+            # connection, unless the body was read to its end.
+            if response is not None:
+                await response.aclose()
+
+
+def _json_fields(value: Any) -> Mapping[str, Any] | None:
+    return value if isinstance(value, dict) else None
+
+
+def _error_detail(text: str) -> tuple[str | None, str | None]:
+    """(``code``, ``message``) of an error answer's ``{"error": {...}}``, read as the SDK
+    reads them (``APIError.code``, ``_make_status_error_from_response``)."""
+    try:
+        body = json.loads(text.strip())
+    except (ValueError, RecursionError):
+        return None, None
+    error = body.get("error", body) if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return None, None
+    code, message = error.get("code"), error.get("message")
+    return (
+        None if code is None else str(code),
+        message if isinstance(message, str) and message else None,
+    )
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    """Read the rest of a finished answer for ``DRAIN_TIMEOUT_S`` at most: read to its end,
+    its connection goes back to the pool; cut short, it is closed."""
+    with contextlib.suppress(TimeoutError, *TRANSPORT_ERRORS):
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            async for _ in chunks:
+                pass

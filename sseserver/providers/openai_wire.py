@@ -1,0 +1,280 @@
+"""What the two OpenAI clients (``openai.py``, the SDK; ``openai_fast.py``, plain httpx) share:
+options, validation, the request body, the reading of ``chat.completion.chunk`` objects and
+the mapping of failures to ``ProviderError``s. One place for each, so that ``--openai-client``
+changes the cost per chunk and nothing else (tests/unit/test_providers_openai_fast.py holds
+the two side by side).
+
+Deliberate choices (both clients):
+- One ``httpx.AsyncClient`` per provider: one pool for the provider's life, closed by
+  ``aclose()``. A response abandoned before its end closes its connection (httpcore does not
+  pool an HTTP/1.1 connection whose response was not read to its end).
+- No hidden retries. A retry before the first token hides seconds of latency and a
+  ``Retry-After`` the caller should see; our errors say ``retryable`` and the caller decides.
+- ``timeout_s`` bounds connect, each write, and each read: the wait for the first byte of
+  the answer and every gap between chunks.
+- With no key given and no ``OPENAI_API_KEY``, the key is ``PLACEHOLDER_API_KEY``: local
+  OpenAI-compatible servers (vLLM, Ollama, llama.cpp) ignore it, the SDK just needs one.
+- Error messages never carry the upstream's text (OpenAI's 401 echoes part of the key);
+  the underlying exception is chained as ``__cause__`` for the server log.
+- A stream that ends without a ``finish_reason`` is a truncated answer (a proxy or the
+  upstream closed it cleanly mid-answer) and is reported as a dropped connection.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+import httpx
+
+from sseserver.providers.base import (
+    BadRequest,
+    Delta,
+    GenerationRequest,
+    ProviderError,
+    UpstreamConnectionError,
+    UpstreamHTTPError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    Usage,
+)
+
+PLACEHOLDER_API_KEY = "sk-no-key-required"
+DEFAULT_BASE_URL = "https://api.openai.com/v1"  # the SDK's, when neither flag nor env says
+
+# Upstream connections are bounded by the server's own stream limits (one per generation);
+# a pool limit here would only turn load into pool timeouts reported as upstream timeouts.
+MAX_CONNECTIONS: int | None = None
+# Idle connections kept for reuse: enough for bursts, few enough to hold little memory.
+MAX_KEEPALIVE_CONNECTIONS = 100
+
+# Advertised to the demo page when talking to api.openai.com. Behind another base URL
+# (vLLM, Ollama, ...) the model names are the operator's, so only the default is offered.
+OPENAI_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1")
+ROLES = frozenset({"system", "user", "assistant"})
+MAX_TEMPERATURE = 2.0  # the Chat Completions API's range is [0, 2]
+
+# Statuses worth retrying later (the SDK's own retry list): timeout, conflict, overload.
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+
+# What the openai SDK counts as a failed request (its ``_httpx2.request_exceptions``): httpx's
+# own, and the TLS and end-of-stream errors that anyio's streams raise unmapped.
+TRANSPORT_ERRORS: tuple[type[Exception], ...] = (
+    httpx.RequestError,
+    ssl.SSLError,
+    anyio.EndOfStream,
+)
+
+#: a chunk's fields as a mapping, or None when it is not a JSON object (see ``ChunkReader``)
+Fields = Callable[[Any], Mapping[str, Any] | None]
+
+
+class OpenAIBase:
+    """Options, validation and request body of an OpenAI Chat Completions provider.
+
+    Subclasses add ``stream``; ``aclose()`` closes the connection pool.
+    """
+
+    name = "openai"
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+        default_model: str = "gpt-4o-mini",
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """``base_url`` defaults to ``OPENAI_BASE_URL``, then api.openai.com (the SDK's
+        rule); ``transport`` replaces the network (``httpx.MockTransport`` in unit tests)."""
+        self.default_model = default_model
+        given = base_url or os.environ.get("OPENAI_BASE_URL")
+        self.base_url = given or DEFAULT_BASE_URL
+        compatible = given is not None
+        self.models: tuple[str, ...] = (
+            (default_model,)
+            if compatible
+            else tuple(dict.fromkeys((default_model, *OPENAI_MODELS)))
+        )
+        self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or PLACEHOLDER_API_KEY
+        self.timeout_s = timeout_s
+        self._http = httpx.AsyncClient(
+            transport=transport,
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(
+                max_connections=MAX_CONNECTIONS,
+                max_keepalive_connections=MAX_KEEPALIVE_CONNECTIONS,
+            ),
+            follow_redirects=True,
+            **self._http_options(),
+        )
+
+    def _http_options(self) -> dict[str, Any]:
+        """More ``httpx.AsyncClient`` arguments (base URL, default headers)."""
+        return {}
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Refuse what the API would refuse, before anything is sent.
+
+        Raises:
+            BadRequest: naming the field.
+        """
+        for message in request.messages:
+            if message.role not in ROLES:
+                raise BadRequest(f"openai has no message role {message.role!r}")
+        if request.temperature is not None and not 0 <= request.temperature <= MAX_TEMPERATURE:
+            raise BadRequest(f"temperature must be between 0 and {MAX_TEMPERATURE:g}")
+        if request.max_tokens is not None and request.max_tokens < 1:
+            raise BadRequest("max_tokens must be at least 1")
+
+    async def aclose(self) -> None:
+        """Close the connection pool (idle and in-use connections)."""
+        await self._http.aclose()
+
+    def _arguments(self, request: GenerationRequest) -> dict[str, Any]:
+        """The request body, as ``chat.completions.create`` arguments and as JSON alike."""
+        messages: list[dict[str, str]] = []
+        if request.system:
+            messages.append({"role": "system", "content": request.system})
+        messages.extend({"role": m.role, "content": m.content} for m in request.messages)
+        arguments: dict[str, Any] = {
+            "model": request.model or self.default_model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.temperature is not None:
+            arguments["temperature"] = request.temperature
+        if request.max_tokens is not None:
+            # ``max_tokens``, not ``max_completion_tokens``: every OpenAI-compatible server
+            # knows the older name.
+            arguments["max_tokens"] = request.max_tokens
+        return arguments
+
+    def _transport_error(self, exc: Exception, *, started: bool) -> ProviderError:
+        """One of ``TRANSPORT_ERRORS``; ``started`` once the answer's head has arrived."""
+        return self._connection_error(
+            timed_out=isinstance(exc, httpx.TimeoutException), started=started
+        )
+
+    def _connection_error(self, *, timed_out: bool, started: bool) -> ProviderError:
+        """A failed read or connect; ``started`` once the answer's head has arrived."""
+        if timed_out:
+            return UpstreamTimeout(f"no data from upstream for {self.timeout_s:g} s")
+        what = "dropped mid-stream" if started else "failed"
+        return UpstreamConnectionError(f"upstream connection {what}")
+
+
+def error_event() -> ProviderError:
+    """An ``{"error": ...}`` event inside the stream: the upstream gave up mid-answer."""
+    return ProviderError("upstream reported an error mid-stream", retryable=True)
+
+
+def not_json() -> UpstreamProtocolError:
+    return UpstreamProtocolError("upstream sent a chunk that is not JSON")
+
+
+class ChunkReader:
+    """Reads the ``chat.completion.chunk`` objects of one answer: the text of each, and
+    at the end the finish reason and usage they told.
+
+    The SDK hands over its models built without validation, the fast client plain JSON;
+    ``fields`` gives either one's fields as a mapping, so the shape is checked here once.
+    """
+
+    __slots__ = ("_fields", "finish_reason", "usage")
+
+    def __init__(self, fields: Fields) -> None:
+        self._fields = fields
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+
+    def read(self, chunk: Any) -> str:
+        """The text of one chunk ("" for none); keeps its finish reason and usage.
+
+        Raises:
+            UpstreamProtocolError: the chunk does not look like a ``chat.completion.chunk``.
+        """
+        fields = self._fields
+        top = fields(chunk)
+        if top is None:
+            raise UpstreamProtocolError("upstream chunk is not a JSON object")
+        # ``choices`` is empty on the usage chunk, and null on some compatible servers' (vLLM).
+        choices = top.get("choices") or []
+        if not isinstance(choices, list):
+            raise UpstreamProtocolError("upstream chunk has no list of choices")
+        text = ""
+        for raw_choice in choices:
+            choice = fields(raw_choice)
+            if choice is None:
+                raise UpstreamProtocolError("upstream chunk has a malformed choice")
+            if choice.get("index") != 0:
+                continue  # we ask for one choice (n=1)
+            delta = fields(choice.get("delta"))
+            content = None if delta is None else delta.get("content")
+            finish = choice.get("finish_reason")
+            if not isinstance(content, str | None) or not isinstance(finish, str | None):
+                raise UpstreamProtocolError("upstream chunk has a malformed choice")
+            text += content or ""
+            self.finish_reason = finish or self.finish_reason
+        raw_usage = top.get("usage")
+        if raw_usage is not None:
+            # Usage that is not an object counts nothing (the SDK's reading of it).
+            usage = fields(raw_usage) or {}
+            counts = [usage.get(f) for f in ("prompt_tokens", "completion_tokens", "total_tokens")]
+            if not all(c is None or isinstance(c, int) for c in counts):
+                raise UpstreamProtocolError("upstream usage is malformed")
+            self.usage = Usage(*counts)
+        return text
+
+    def last(self) -> Delta:
+        """The closing delta: finish reason and usage.
+
+        Raises:
+            UpstreamConnectionError: the stream ended before a finish reason.
+        """
+        if self.finish_reason is None:
+            raise UpstreamConnectionError("upstream ended the stream before finishing")
+        return Delta(finish_reason=self.finish_reason, usage=self.usage)
+
+
+def status_error(
+    status: int, headers: Mapping[str, str], upstream_code: str | None = None
+) -> UpstreamHTTPError:
+    """An ``UpstreamHTTPError`` for an HTTP error status, with ``Retry-After`` if given."""
+    detail = f" ({upstream_code})" if upstream_code else ""
+    return UpstreamHTTPError(
+        f"upstream answered HTTP {status}{detail}",
+        code="rate_limited" if status == 429 else f"upstream_{status}",
+        retryable=status >= 500 or status in RETRYABLE_STATUSES,
+        status=status,
+        retry_after_s=retry_after(headers),
+    )
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from ``retry-after-ms`` (OpenAI) or ``Retry-After`` (seconds or HTTP date)."""
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) / scale
+        except ValueError:
+            continue
+        if seconds >= 0 and seconds != float("inf"):
+            return seconds
+    value = headers.get("retry-after")
+    if value:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, when.timestamp() - time.time())
+    return None
