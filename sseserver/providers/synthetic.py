@@ -72,6 +72,23 @@ def parse_params(params: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _sleep_until(loop: asyncio.AbstractEventLoop, when: float) -> None:
+    """``asyncio.sleep`` on an absolute deadline, with the loop passed in: on Python 3.11
+    every ``get_running_loop()`` (which ``asyncio.sleep`` calls) is a getpid system call,
+    paid here once per token of every stream."""
+    future = loop.create_future()
+    handle = loop.call_at(when, _wake, future)
+    try:
+        await future
+    finally:
+        handle.cancel()
+
+
 class SyntheticProvider:
     name = "synthetic"
     default_model = "synthetic-1"
@@ -92,9 +109,9 @@ class SyntheticProvider:
         loop = asyncio.get_running_loop()
         start = loop.time()
         for i in range(tokens):
-            delay = start + ttft + i * interval - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
+            due = start + ttft + i * interval
+            if due > loop.time():
+                await _sleep_until(loop, due)
             elif i and i % YIELD_EVERY == 0:  # not before the first: TTFT
                 await asyncio.sleep(0)
             yield Delta(token_text(i, size))
