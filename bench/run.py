@@ -1413,6 +1413,17 @@ METRICS: list[tuple[str, str, str, str, str]] = [
     ("cancel", "disconnect → upstream closed p99, ms", "cancel_ms.p99", "low", "{:.1f}"),
     ("cancel", "over 100 ms / not closed in 2 s", "over_100ms", "", "{:,}"),
 ]
+# idle-sub (subscriptions) has the rows of idle (generations)
+METRICS += [("idle-sub", *m[1:]) for m in METRICS if m[0] == "idle"]
+
+# What a row holds, after "scenario variant": the two idle kinds side by side.
+ROW_KINDS = {"idle": "generations", "idle-sub": "subscriptions"}
+
+
+def row_name(scenario: str, variant: str) -> str:
+    """``idle 10k (generations)``, ``idle-sub 10k (subscriptions)``, ``fanout 1k x1pub``."""
+    kind = ROW_KINDS.get(scenario)
+    return f"{scenario} {variant}" + (f" ({kind})" if kind else "")
 
 
 def latest_records(mode: str) -> list[dict[str, Any]]:
@@ -1420,15 +1431,30 @@ def latest_records(mode: str) -> list[dict[str, Any]]:
     left out: sampling slows the server)."""
     path = RESULTS / "results.jsonl"
     newest: dict[tuple[str, str, str], dict[str, Any]] = {}
+    order: dict[tuple[str, str, str], int] = {}
     if path.exists():
-        for line in path.read_text().splitlines():
+        for i, line in enumerate(path.read_text().splitlines()):
             try:
                 rec = json.loads(line)
             except ValueError:
                 continue
             if rec.get("mode") == mode and not rec.get("profiled"):
-                newest[(rec["scenario"], rec["variant"], rec["server"])] = rec
-    return list(newest.values())
+                if rec["scenario"] == "idle" and rec["server"] == "nchan":
+                    # nchan's idle streams have always been subscriptions (it has no
+                    # generations): records from before idle-sub existed belong there
+                    rec["scenario"] = "idle-sub"
+                key = (rec["scenario"], rec["variant"], rec["server"])
+                newest[key], order[key] = rec, i
+    # A whole scenario skipped or failed (variant "-") and measured since: not reported.
+    since: dict[tuple[str, str], int] = {}
+    for (scenario, variant, server), i in order.items():
+        if variant != "-":
+            since[(scenario, server)] = max(i, since.get((scenario, server), -1))
+    return [
+        rec
+        for key, rec in newest.items()
+        if key[1] != "-" or since.get((key[0], key[2]), -1) < order[key]
+    ]
 
 
 def _cell(metrics: dict[str, Any], path: str, fmt: str) -> tuple[str, float | None]:
@@ -1436,7 +1462,7 @@ def _cell(metrics: dict[str, Any], path: str, fmt: str) -> tuple[str, float | No
         cpu = metrics.get("cpu") or {}
         if "server_util" not in cpu:
             return "—", None
-        return f"{cpu['server_util']:.0%} / {cpu['gen_util']:.0%}", None
+        return _util_text(cpu), None
     if fmt == "lost":
         if "lost" not in metrics:
             return "—", None
@@ -1447,12 +1473,24 @@ def _cell(metrics: dict[str, Any], path: str, fmt: str) -> tuple[str, float | No
     return fmt.format(value), float(value)
 
 
+def _util_text(cpu: dict[str, Any]) -> str:
+    """``server / generator`` CPU share, then what else ran on the generator's core:
+    ``+ upstream N%`` (proxy), ``+ redis-server N%`` (sseserver-redis)."""
+    text = f"{cpu.get('server_util', 0):.0%} / {cpu['gen_util']:.0%}"
+    if "upstream_util" in cpu:
+        text += f" + upstream {cpu['upstream_util']:.0%}"
+    if "redis_util" in cpu:
+        text += f" + redis-server {cpu['redis_util']:.0%}"
+    return text
+
+
 def write_report(records: list[dict[str, Any]], settings: Settings) -> Path:
     servers = [s for s in ALL_SERVERS if any(r["server"] == s for r in records)]
     by_key = {(r["scenario"], r["variant"], r["server"]): r for r in records}
     groups: list[tuple[str, str]] = []
     for r in sorted(
-        records, key=lambda r: (ALL_SCENARIOS.index(r["scenario"]), _variant_order(r["variant"]))
+        records,
+        key=lambda r: (REPORT_SCENARIOS.index(r["scenario"]), _variant_order(r["variant"])),
     ):
         if (r["scenario"], r["variant"]) not in groups:
             groups.append((r["scenario"], r["variant"]))
@@ -1469,7 +1507,20 @@ def write_report(records: list[dict[str, Any]], settings: Settings) -> Path:
         "noisy machine (per-core busy time is in each JSON record as `cpu0_busy`/`cpu1_busy`).",
         "",
         "Each cell: the value, then its ratio to sseserver's (x). For rows marked ↓ lower "
-        "is better, ↑ higher is better. `—`: not measured (nchan has no /v1/stream).",
+        "is better, ↑ higher is better. `—`: not measured (nchan has no /v1/stream; "
+        "sseserver-redis runs fan-out only).",
+        "",
+        "`idle N (generations)`: N `/v1/stream` generations held with the first token 10 "
+        "minutes away (each a running generation: producer task, provider call, history). "
+        "`idle-sub N (subscriptions)`: N subscriptions to one topic nobody publishes to "
+        "(sseserver `/.well-known/mercure?topic=idle`, the peers `/sub?topic=idle`, nchan "
+        "`/sub/idle`). nchan has no generations: its idle numbers are subscriptions and sit "
+        "in the idle-sub rows only.",
+        "",
+        "`sseserver-redis`: sseserver with `--hub redis://…` against a private `redis-server` "
+        "(no persistence) that runs on core 1 next to the load generator; its CPU is shown as "
+        "`+ redis-server N%` after the generator's. Its ratios compare the Redis hub with "
+        "sseserver's in-memory hub.",
         "",
     ]
     header = "| scenario | metric | " + " | ".join(servers) + " |"
@@ -1478,7 +1529,7 @@ def write_report(records: list[dict[str, Any]], settings: Settings) -> Path:
         group = [by_key.get((scenario, variant, server)) for server in servers]
         if not any(rec and (rec["ok"] or rec.get("error")) for rec in group):
             dashes = " | ".join("—" for _ in servers)
-            lines.append(f"| {scenario} {variant} | not measured (below) | {dashes} |")
+            lines.append(f"| {row_name(scenario, variant)} | not measured (below) | {dashes} |")
             continue
         for scen, label, path, better, fmt in METRICS:
             scen, _, prefix = scen.partition("@")
@@ -1498,7 +1549,9 @@ def write_report(records: list[dict[str, Any]], settings: Settings) -> Path:
                     text += f" (x{value / base:.2f})"
                 cells.append(text)
             arrow = {"low": " ↓", "high": " ↑"}.get(better, "")
-            lines.append(f"| {scenario} {variant} | {label}{arrow} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| {row_name(scenario, variant)} | {label}{arrow} | " + " | ".join(cells) + " |"
+            )
     skipped = [r for r in records if r.get("skipped")]
     errors = [r for r in records if r.get("error")]
     if skipped or errors:
@@ -1530,13 +1583,11 @@ def write_report(records: list[dict[str, Any]], settings: Settings) -> Path:
             if not cpu:
                 cells.append("—")
             else:
-                text = f"{cpu.get('server_util', 0):.0%} / {cpu['gen_util']:.0%}"
-                if "upstream_util" in cpu:
-                    text += f" + upstream {cpu['upstream_util']:.0%}"
+                text = _util_text(cpu)
                 if noise(cpu) > 0.1:
                     text += f" (noise {noise(cpu):.0%})"
                 cells.append(text)
-        lines.append(f"| {scenario} {variant} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row_name(scenario, variant)} | " + " | ".join(cells) + " |")
     tok = [r for r in records if r["scenario"] == "tokens" and r["ok"]]
     if tok:
         lines += [
@@ -1596,9 +1647,9 @@ def write_charts(records: list[dict[str, Any]]) -> list[Path]:
         return []
     written: list[Path] = []
     servers = [s for s in ALL_SERVERS if any(r["server"] == s for r in records)]
-    colors = dict(zip(ALL_SERVERS, ["C3", "C0", "C2", "C1", "C4"], strict=True))
+    colors = dict(zip(ALL_SERVERS, ["C3", "C5", "C0", "C2", "C1", "C4"], strict=True))
 
-    idle = [r for r in records if r["scenario"] == "idle" and r["ok"]]
+    idle = [r for r in records if r["scenario"] in ROW_KINDS and r["ok"]]
     if idle:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for server in servers:
@@ -1609,14 +1660,15 @@ def write_charts(records: list[dict[str, Any]]) -> list[Path]:
                         [p[0] for p in pts],
                         [p[1] / 1024 for p in pts],
                         marker=".",
+                        ls="-" if r["scenario"] == "idle" else "--",
                         color=colors[server],
-                        label=f"{server} ({r['variant']})",
+                        label=f"{server} {r['variant']} {ROW_KINDS[r['scenario']]}",
                     )
         ax.set_xlabel("open idle streams")
         ax.set_ylabel("server RSS, MB")
-        ax.set_title("Capacity: server memory vs open streams")
+        ax.set_title("Capacity: server memory vs open streams (dashed: subscriptions)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
         written.append(_save(fig, "capacity.png"))
 
     tok = [r for r in records if r["scenario"] == "tokens" and r["ok"]]
@@ -1742,6 +1794,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--idle-streams", default="", help="override the mode's idle counts, e.g. 20000")
     p.add_argument(
+        "--idle-kinds",
+        default=",".join(IDLE_KINDS),
+        help="what idle holds: generations (rows 'idle'), subscriptions (rows 'idle-sub'), "
+        "or both (default)",
+    )
+    p.add_argument(
         "--nice",
         type=int,
         default=0,
@@ -1753,6 +1811,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()]
     bad = [s for s in args.scenarios if s not in ALL_SCENARIOS]
     bad += [s for s in args.server_list if s not in SERVERS]
+    args.idle_kind_list = tuple(k.strip() for k in args.idle_kinds.split(",") if k.strip())
+    bad += [k for k in args.idle_kind_list if k not in IDLE_KINDS]
     if bad:
         p.error(f"unknown scenario or server: {', '.join(bad)}")
     return args
@@ -1763,13 +1823,14 @@ def main(argv: list[str] | None = None) -> int:
     settings = dataclasses.replace(FULL if args.full else QUICK)
     if args.fanout_subscribers:
         settings.fanout_subscribers = [int(x) for x in args.fanout_subscribers.split(",")]
+        settings.redis_fanout_subscribers = list(settings.fanout_subscribers)
     if args.idle_streams:
         settings.idle_streams = [int(x) for x in args.idle_streams.split(",")]
     if args.nice:
         NICE[:] = ["nice", "-n", str(args.nice)]
     _raise_nofile()
     run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    bench = Bench(settings, run_id, profile=args.profile)
+    bench = Bench(settings, run_id, profile=args.profile, idle_kinds=args.idle_kind_list)
     started = time.monotonic()
     for scenario in args.scenarios:
         for name in args.server_list:
@@ -1799,15 +1860,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def closing_note(records: list[dict[str, Any]]) -> str:
-    """The two sseserver figures the core issue's closing note needs."""
+    """The sseserver figures the core issue's closing note needs (and its Redis hub's)."""
     out = []
     for r in records:
-        if r["server"] != "sseserver" or not r["ok"]:
+        if r["server"] not in ("sseserver", "sseserver-redis") or not r["ok"]:
             continue
         m = r["metrics"]
-        if r["scenario"] == "idle":
+        if r["server"] == "sseserver-redis":
+            if r["scenario"] == "fanout":
+                out.append(
+                    f"sseserver-redis fanout {r['variant']}: {m['deliveries_per_s']:,.0f} "
+                    f"deliveries/s, latency p50 {m['latency_ms'].get('p50')} ms / p99 "
+                    f"{m['latency_ms'].get('p99')} ms, server / generator CPU "
+                    f"{_util_text(m.get('cpu') or {'gen_util': 0})}"
+                )
+        elif r["scenario"] in ROW_KINDS:
             out.append(
-                f"sseserver idle {r['variant']}: {m['held']:,} streams held, "
+                f"sseserver {row_name(r['scenario'], r['variant'])}: {m['held']:,} streams held, "
                 f"{m['rss_per_stream_kb']:.2f} KB RSS per stream "
                 f"(~{m.get('streams_per_gib') or 0:,} streams per GiB), "
                 f"{m['opened_per_s']:,.0f} streams opened per s, {m['failures']} failures"
