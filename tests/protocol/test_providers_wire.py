@@ -630,31 +630,6 @@ async def test_fake_upstream_as_subprocess(kind: Kind) -> None:
             await provider.aclose()
 
 
-@pytest.mark.timeout(120)
-async def test_fast_openai_client_costs_less_cpu_per_chunk() -> None:
-    """What --openai-client fast is for: the client's CPU per chunk, against the fake in a
-    process of its own at interval 0 (CHUNK_COST_N chunks, default 5000; -s shows it)."""
-    n = int(os.environ.get("CHUNK_COST_N", "5000"))
-    cost: dict[str, float] = {}
-    async with subprocess_upstream("tests.upstreams.openai_wire") as url:
-        for kind in (SDK_KIND, FAST_KIND):
-            provider = kind.provider(base_url=f"{url}/v1", timeout_s=5)
-            try:
-                await collect(provider, ask("[fake tokens=20]"))  # imports, connection, caches
-                cpu = time.process_time()
-                deltas = await collect(provider, ask(f"[fake tokens={n}]"))
-                cost[kind.name] = (time.process_time() - cpu) / n * 1e6
-            finally:
-                await provider.aclose()
-            assert "".join(d.text for d in deltas) == expected_text(n)
-    print(
-        f"\nclient CPU per chunk over {n} chunks at interval 0: "
-        + ", ".join(f"{name} {us:.1f} µs" for name, us in cost.items())
-        + f" ({cost['openai'] / cost['openai-fast']:.1f}x)"
-    )
-    assert cost["openai-fast"] < cost["openai"] / 2
-
-
 # --------------------------------------------------------------------------------------
 # The fakes' non-streaming answers, read by the real SDKs
 # --------------------------------------------------------------------------------------
