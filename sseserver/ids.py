@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 
 _CHUNK = 4096
 
@@ -42,3 +43,13 @@ def token_urlsafe(nbytes: int) -> str:
 def token_hex(nbytes: int) -> str:
     """Like ``secrets.token_hex``."""
     return _pool.take(nbytes).hex()
+
+
+# What a request id taken from a client or proxy may look like (it goes into headers and
+# logs); anything else is replaced by one of ours.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def request_id(given: str | None) -> str:
+    """``given`` (nginx's ``$request_id``, say) when it is sane, else a new id."""
+    return given if given and REQUEST_ID.fullmatch(given) else token_hex(8)

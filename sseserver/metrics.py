@@ -17,6 +17,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as prom_multiprocess
+from prometheus_client import values as prom_values
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -28,6 +29,12 @@ class Metrics:
     """All of the server's metrics, in a registry of their own (tests make several)."""
 
     def __init__(self) -> None:
+        if os.environ.get(MULTIPROC_ENV) and prom_values.ValueClass is prom_values.MutexValue:
+            # prometheus-client chooses per-process files or plain values when it is first
+            # imported; ``--workers`` sets the directory after that, before the workers
+            # build their metrics, so choose again (or each worker counts for itself).
+            choose: Callable[[], Any] = prom_values.get_value_class  # unannotated upstream
+            prom_values.ValueClass = choose()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         live: dict[str, Any] = {"multiprocess_mode": "livesum"}

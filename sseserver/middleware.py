@@ -20,15 +20,13 @@ PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 UNAUTHENTICATED_PREFIXES = ("/static/",)
 UNAUTHENTICATED_PATHS = frozenset({"/", "/metrics", "/v1/providers"})
 STREAM_PATHS = ("/v1/stream", "/v1/streams/", "/v1/chat", "/.well-known/mercure")
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 CORS_MAX_AGE = "600"
 CORS_EXPOSE = "Last-Event-ID, X-Request-ID, Retry-After"
 
 
 async def request_id(request: Request, stream: EventStream, call_next: Handler) -> None:
     """Take nginx's ``X-Request-ID`` when it is sane, else make one; echo it back."""
-    given = request.header("x-request-id")
-    request.id = given if given and REQUEST_ID.fullmatch(given) else ids.token_hex(8)
+    request.id = ids.request_id(request.header("x-request-id"))
     stream.extra_headers.append((b"x-request-id", request.id.encode()))
     await call_next(request, stream)
 

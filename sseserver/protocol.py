@@ -21,10 +21,11 @@ import time
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from typing import cast
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import h11
 
+from . import ids
 from .chunked import frame
 from .config import Config
 from .errors import ClientGone, HTTPError, error_body
@@ -51,6 +52,9 @@ _REASONS = {
     405: b"Method Not Allowed",
     408: b"Request Timeout",
     413: b"Content Too Large",
+    414: b"URI Too Long",
+    415: b"Unsupported Media Type",
+    422: b"Unprocessable Content",
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
@@ -72,6 +76,7 @@ def _canned(status: int, code: str, message: str, extra: bytes = b"") -> bytes:
 # The headers h11 must see to frame the body and decide keep-alive; it gets only these.
 FRAMING_HEADERS = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 _UNSAFE_HEADER = re.compile(rb"[\r\n\x00]")
+_H11_DETAIL = re.compile(r":?\s*(?:bytearray|b)\(?b?['\"].*$", re.S)
 
 OVERLOADED = _canned(503, "overloaded", "too many open connections", b"retry-after: 1\r\n")
 SHUTTING_DOWN = _canned(503, "shutting_down", "server is shutting down", b"retry-after: 1\r\n")
@@ -217,7 +222,9 @@ class HTTPProtocol(asyncio.Protocol):
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint
                 code = {431: "head_too_large", 501: "not_implemented"}.get(status, "bad_request")
-                self._refuse(status, code, str(exc) or "malformed request")
+                # h11 quotes the offending bytes as a Python repr: keep only its words.
+                message = _H11_DETAIL.sub("", str(exc)) or "malformed request"
+                self._refuse(status, code, message)
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
@@ -239,6 +246,10 @@ class HTTPProtocol(asyncio.Protocol):
     def _begin_request(self, event: h11.Request) -> bool:
         config = self.state.config
         target = event.target.decode("latin-1")
+        if target.startswith(("http://", "https://")):
+            # absolute-form, which servers must accept (RFC 9112 §3.2.2): route its path.
+            parts = urlsplit(target)
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         raw_path, _, query = target.partition("?")
         path = unquote(raw_path)
         head_bytes = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
@@ -484,7 +495,10 @@ class HTTPProtocol(asyncio.Protocol):
                 (b"connection", b"close"),
             ]
             head.extend((k.encode(), v.encode()) for k, v in headers)
+            given = self._request.header("x-request-id") if self._request else None
+            head.append((b"x-request-id", ids.request_id(given).encode()))
             head.append((b"date", _DateHeader.get()))
+            head.append((b"server", b"sseserver"))
             try:
                 transport.write(
                     self._conn.send(

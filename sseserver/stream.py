@@ -35,11 +35,13 @@ TOKEN_EXPIRED = encode_event(
 )
 # A stream's first bytes, by retry_ms (None: no retry field); it makes proxies flush the
 # head at once. The common ones are encoded once.
-PREAMBLES: dict[int | None, bytes] = {
-    None: encode_comment("stream open"),
-    0: encode_comment("stream open"),
-    2000: encode_event(retry=2000, comment="stream open"),
-}
+def preamble(retry_ms: int | None) -> bytes:
+    """``retry: <ms>`` first, then a comment (SPEC §4), in one block."""
+    opening = encode_comment("stream open")
+    return encode_retry(retry_ms)[:-1] + opening if retry_ms else opening
+
+
+PREAMBLES: dict[int | None, bytes] = {ms: preamble(ms) for ms in (None, 0, 2000)}
 SLOW_GOODBYE = Frame.of(encode_comment("slow consumer: disconnecting, resume with Last-Event-ID"))
 
 STREAM_HEADERS: HeaderList = [
@@ -226,17 +228,15 @@ class EventStream:
             self.state = "done"
             self._channel.end_response()
             return False
-        preamble = PREAMBLES.get(retry_ms)
-        if preamble is None:
-            preamble = encode_event(retry=retry_ms, comment="stream open")
-        self._chunked = self._channel.send_head(status, head, preamble=preamble)
+        first = PREAMBLES.get(retry_ms) or preamble(retry_ms)
+        self._chunked = self._channel.send_head(status, head, preamble=first)
         self.extra_headers = []  # sent; a long-lived stream need not hold them
         if self._channel.transport is None:
             self.state = "done"
             self._channel.end_response()
             return False
         self.state = "streaming"
-        self.bytes_sent += len(preamble)
+        self.bytes_sent += len(first)
         self._registry.add(self)
         limit = self._registry.deadline()
         if limit and (not self.deadline or limit < self.deadline):

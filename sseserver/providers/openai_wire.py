@@ -234,14 +234,11 @@ class ChunkReader:
         return text
 
     def last(self) -> Delta:
-        """The closing delta: finish reason and usage.
-
-        Raises:
-            UpstreamConnectionError: the stream ended before a finish reason.
-        """
-        if self.finish_reason is None:
-            raise UpstreamConnectionError("upstream ended the stream before finishing")
-        return Delta(finish_reason=self.finish_reason, usage=self.usage)
+        """The closing delta: finish reason and usage. Called once the body has ended
+        cleanly (``[DONE]``, or the chunked terminator): some OpenAI-compatible servers
+        never send a finish reason, and their answer is complete all the same. A body cut
+        short fails in the HTTP client instead."""
+        return Delta(finish_reason=self.finish_reason or "stop", usage=self.usage)
 
 
 def status_error(

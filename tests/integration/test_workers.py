@@ -291,3 +291,30 @@ async def test_sigterm_ends_every_workers_streams_cleanly(tmp_path: Path) -> Non
                     cut.append(f"worker {sub.pid}: no retry: before the end")
             await asyncio.to_thread(sup.proc.wait, 20)
         assert cut == [], f"{len(cut)} of {len(subs)} streams not ended cleanly: {cut[:3]}"
+
+
+async def _metrics_sample(port: int, name: str) -> float:
+    """One scrape (answered by whichever worker the kernel picks): the sample's value."""
+    async with await RawClient.connect(port) as client:
+        client.request("GET", "/metrics")
+        resp = await client.response(10.0)
+    assert resp.status == 200
+    for line in resp.body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_metrics_are_summed_over_workers(tmp_path: Path) -> None:
+    """Each scrape lands on one worker; with --workers it must still count them all.
+    (60 connections from random ports spread over both workers: SO_REUSEPORT hashes.)"""
+    with workers_running(tmp_path) as sup:
+        await await_workers(sup, 2, within=20)
+        for _ in range(60):
+            async with await RawClient.connect(sup.port) as client:
+                client.request("GET", "/v1/providers")
+                assert (await client.response(10.0)).status == 200
+        name = 'sseserver_requests_total{status="200"}'
+        for _ in range(6):
+            value = await _metrics_sample(sup.port, name)
+            assert value >= 60, f"{name} = {value}: a scrape saw one worker's counts only"

@@ -283,7 +283,9 @@ BAD_REQUESTS: list[tuple[str, bytes, set[int | None]]] = [
     ("lowercase version", b"GET /healthz http/1.1\r\n" + H + b"\r\n", {400}),
     ("1.1 without Host", b"GET /healthz HTTP/1.1\r\n\r\n", {400}),
     ("two Hosts", b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", {400}),
-    ("absolute-form target", b"GET http://evil.example/healthz HTTP/1.1\r\n" + H + b"\r\n", {400}),
+    # RFC 9112 §3.2.2: a server must accept absolute-form; the path is routed, the host
+    # is ignored (this server proxies nothing).
+    ("absolute-form target", b"GET http://evil.example/healthz HTTP/1.1\r\n" + H + b"\r\n", {200}),
     ("asterisk target", b"OPTIONS * HTTP/1.1\r\n" + H + b"\r\n", {400}),
     ("query-only target", b"GET ?x=1 HTTP/1.1\r\n" + H + b"\r\n", {400}),
     ("NUL in target", b"GET /healthz\x00 HTTP/1.1\r\n" + H + b"\r\n", {400}),
