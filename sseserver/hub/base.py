@@ -7,8 +7,9 @@ to synchronously from the publisher's call.
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol
@@ -150,3 +151,18 @@ class Hub(Protocol):
 
 
 OnPublish = Callable[[Update], None]
+
+
+async def stop_tasks(tasks: Collection[asyncio.Task[None]], within_s: float) -> int:
+    """Cancel background tasks and wait for them, but no longer than ``within_s`` (a
+    Redis call caught mid-cancel must not hold up a shutdown); how many did not stop."""
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return 0
+    done, stuck = await asyncio.wait(tasks, timeout=within_s)
+    for task in done:
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure at exit is not worth a warning
+    return len(stuck)
+

@@ -275,6 +275,11 @@ class MemoryHub:
 
     # -- lookups and closing ------------------------------------------------------------
 
+    async def knows(self, event_id: str, within_s: float) -> bool:
+        """Whether ``event_id`` is held. Here that is known at once; a hub fed by other
+        instances waits up to ``within_s`` for an update still on its way."""
+        return self.get(event_id) is not None
+
     def get(self, event_id: str) -> Update | None:
         update = self._by_id.get(event_id)
         if update is not None and update.at < time.monotonic() - self.history_age_s:
@@ -300,6 +305,8 @@ class MemoryHub:
         return held
 
     def is_closed(self, topic: str) -> bool:
+        if self._pending:
+            self.flush()  # a final update held for the flush closes its topic
         return topic in self._closed
 
     def close_topic(self, topic: str, reason: str = "complete") -> None:

@@ -19,10 +19,13 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from .base import stop_tasks
+
 log = logging.getLogger("sseserver.hub")
 
 VIEWERS_KEY = "sseserver:viewers:{}"
 CANCEL_CHANNEL = "sseserver:cancel"
+CLOSE_WAIT_S = 1.0
 ERRORS = (RedisError, ConnectionError, OSError, TimeoutError)
 
 
@@ -45,13 +48,8 @@ class RedisPresence:
         ]
 
     async def aclose(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in (*self._tasks, *self._pending):
-            try:
-                await task
-            except (asyncio.CancelledError, *ERRORS):
-                pass
+        if await stop_tasks([*self._tasks, *self._pending], CLOSE_WAIT_S):
+            log.warning("presence: background tasks did not stop in time")
 
     # -- the following side ------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
-from .base import Update
+from .base import Update, stop_tasks
 from .memory import MemoryHub
 
 log = logging.getLogger("sseserver.hub")
@@ -32,6 +32,7 @@ STREAM_KEY = "sseserver:updates"
 READ_BLOCK_MS = 1000
 READ_COUNT = 1000
 RECONNECT_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0)  # then every 1 s
+CLOSE_WAIT_S = 1.0
 CONNECTION_ERRORS = (RedisError, ConnectionError, OSError, TimeoutError)
 
 # What XRANGE/XREAD give this client (RESP2, no decode_responses, legacy shapes): bytes
@@ -62,6 +63,7 @@ class RedisHub(MemoryHub):
         self._reader: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._outbox: asyncio.Queue[Update] = asyncio.Queue()
+        self._arrived = asyncio.Event()  # set, and replaced, after each batch read
         self._connected = False
 
     @property
@@ -87,18 +89,31 @@ class RedisHub(MemoryHub):
         self._writer = loop.create_task(self._write_forever(), name="redis-hub-writer")
 
     async def aclose(self) -> None:
-        for task in (self._reader, self._writer):
-            if task is not None:
-                task.cancel()
-        for task in (self._reader, self._writer):
-            if task is not None:
-                try:
-                    await task
-                except (asyncio.CancelledError, *CONNECTION_ERRORS):
-                    pass
+        tasks = [t for t in (self._reader, self._writer) if t is not None]
+        if await stop_tasks(tasks, CLOSE_WAIT_S):
+            log.warning("redis hub: background tasks did not stop in time")
         self.close_all()
         if self._redis is not None:
-            await self._redis.aclose()
+            try:
+                await asyncio.wait_for(self._redis.aclose(), CLOSE_WAIT_S)
+            except (TimeoutError, *CONNECTION_ERRORS):
+                pass
+
+    async def knows(self, event_id: str, within_s: float) -> bool:
+        """A reader's last event may have been written to it by another instance a few
+        milliseconds before that instance forwarded it to Redis, and its reconnect may
+        land here first: wait (bounded) for the mirror to catch up rather than take a
+        known generation for an unknown one."""
+        deadline = asyncio.get_running_loop().time() + within_s
+        while self.get(event_id) is None:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0 or not self._connected:
+                return False
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return self.get(event_id) is not None
+        return True
 
     # -- encoding ----------------------------------------------------------------------
 
@@ -243,3 +258,6 @@ class RedisHub(MemoryHub):
                     update = self._decode(raw)
                     if update is not None:
                         super().dispatch_soon(update)  # a batch read goes out joined
+            if result:
+                arrived, self._arrived = self._arrived, asyncio.Event()
+                arrived.set()

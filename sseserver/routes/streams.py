@@ -18,6 +18,8 @@ from ..providers.base import BadRequest, GenerationRequest, Message, Provider
 from ..stream import EventStream, Request
 
 ROLES = ("system", "user", "assistant")
+# How long a resume waits for an id that another instance may not have forwarded yet.
+REMOTE_CATCH_UP_S = 0.25
 SYNTHETIC_PARAMS = ("tokens", "interval_ms", "size", "ttft_ms")
 MAX_MODEL_NAME = 200
 
@@ -157,7 +159,10 @@ def register(app: Application, ctx: Context) -> None:
         hub = ctx.hub
         topic = topic_of(gen_id)
         last = f"{gen_id}:{after_seq}" if after_seq >= 0 else EARLIEST
-        if hub.get(last) is None and not (last == EARLIEST and hub.held(topic)):
+        if last == EARLIEST:
+            if not hub.held(topic):
+                return False
+        elif not await hub.knows(last, REMOTE_CATCH_UP_S):
             return False
         if hub.is_closed(topic) and hub.last_id(topic) == last:
             stream.respond(204, content_type=None)

@@ -209,6 +209,37 @@ async def test_generation_started_on_a_resumes_on_b(tmp_path: Path) -> None:
         assert text_of(first) + text_of(rest) == "".join(token_text(i) for i in range(tokens))
 
 
+async def test_immediate_reconnect_to_b_resumes_instead_of_starting_anew(
+    tmp_path: Path,
+) -> None:
+    """A reader may reconnect to B before A has forwarded the event it just read: B waits
+    (bounded) for it instead of taking the generation for an unknown one and paying for
+    a new one. Mid-stream: replay then live; past the end: 204."""
+    with redis_running(tmp_path / "redis") as redis, \
+            sseserver_running(tmp_path, *server_args(redis), name="a") as a, \
+            sseserver_running(tmp_path, *server_args(redis), name="b") as b:
+        client, resp, reader = await open_stream(a.port, "/v1/stream?tokens=20&interval_ms=50")
+        async with client:
+            await reader.until(lambda r: any(e.type == "message" for e in r.parser.events))
+            first = list(reader.parser.events)
+        gen_id = json.loads(first[0].data)["id"]
+        client, resp, reader = await open_stream(
+            b.port, "/v1/stream", headers=[("Last-Event-ID", first[-1].last_event_id)]
+        )
+        async with client:
+            assert resp.status == 200
+            rest = await reader.rest(within=20)
+        assert rest and all(e.last_event_id.startswith(f"{gen_id}:") for e in rest), rest[:3]
+        assert rest[-1].data == "[DONE]"
+        # Past the end, at once: 204 (EventSource stops).
+        client, resp, reader = await open_stream(a.port, "/v1/stream?tokens=3&interval_ms=0")
+        async with client:
+            done = await reader.rest(within=10)
+        past_end = [("Last-Event-ID", done[-1].last_event_id)]
+        resp_b = await request(b.port, "GET", "/v1/stream", past_end)
+        assert resp_b.status == 204, resp_b.body[:200]
+
+
 async def test_cancel_asked_of_b_stops_the_generation_on_a(tmp_path: Path) -> None:
     """The Stop button's request may land on another instance than the generation."""
     with redis_running(tmp_path / "redis") as redis, \
