@@ -3,6 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PORT ?= 8000
 STAMP := $(VENV)/.installed
+NODE_STAMP := tests/node/node_modules/.installed
 
 .PHONY: run test test-unit test-protocol test-integration lint bench bench-full clean
 
@@ -12,10 +13,17 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[test,bench]'
 	touch $(STAMP)
 
+# The Vercel `ai` package for the UI-message-stream client test, from tests/node's lock.
+$(NODE_STAMP): tests/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		cd tests/node && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error \
+		&& touch node_modules/.installed; \
+	else echo "npm not found: the Vercel ai client test will skip (and fail under CI=true)"; fi
+
 run: $(STAMP)
 	$(PY) -m sseserver --port $(PORT)
 
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP)
 	$(VENV)/bin/ruff check sseserver tests bench
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
@@ -25,7 +33,7 @@ test-unit: $(STAMP)
 test-protocol: $(STAMP)
 	$(VENV)/bin/pytest -q tests/protocol
 
-test-integration: $(STAMP)
+test-integration: $(STAMP) $(NODE_STAMP)
 	$(VENV)/bin/pytest -q tests/integration
 
 lint: $(STAMP)
