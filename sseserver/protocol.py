@@ -500,15 +500,10 @@ class HTTPProtocol(asyncio.Protocol):
             head.append((b"date", _DateHeader.get()))
             head.append((b"server", b"sseserver"))
             try:
-                transport.write(
-                    self._conn.send(
-                        h11.Response(
-                            status_code=status, headers=head, reason=_REASONS.get(status, b"")
-                        )
-                    )
-                    or b""
+                response = h11.Response(
+                    status_code=status, headers=head, reason=_REASONS.get(status, b"")
                 )
-                transport.write(body)
+                transport.write((self._conn.send(response) or b"") + body)  # one write
             except h11.LocalProtocolError:
                 transport.write(_canned(status, code, message))
         self._log_refusal(status, code)
