@@ -282,6 +282,12 @@ class HTTPProtocol(asyncio.Protocol):
             self._refuse(413, "body_too_large", "request body too large")
             return False
         self._body = bytearray()
+        transport = self.transport
+        if self._conn.client_is_waiting_for_100_continue and transport is not None:
+            # curl and others hold a body back until this arrives (or a second passes):
+            # the request is acceptable so far, so ask for it now.
+            go_on = h11.InformationalResponse(status_code=100, headers=[])
+            transport.write(self._conn.send(go_on) or b"")
         return True
 
     def _dispatch(self) -> None:

@@ -231,3 +231,21 @@ async def test_sse_reader_smoke() -> None:
             assert first.type == "start"
             await reader.rest()
             assert reader.ended
+
+
+async def test_expect_100_continue_is_answered_before_the_body() -> None:
+    """A client that sends ``Expect: 100-continue`` holds its body back (curl for a
+    second) until the server says so; the answer must come before any body byte."""
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}],
+                       "params": {"tokens": 2, "interval_ms": 0}}).encode()
+    async with app_server() as (server, _ctx):
+        async with await RawClient.connect(server.port) as client:
+            client.write(
+                b"POST /v1/stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+            )
+            interim = await client.reader.readuntil(b"\r\n\r\n")
+            assert interim.startswith(b"HTTP/1.1 100 "), interim
+            client.write(body)
+            rest = await client.reader.read(65536)
+            assert rest.startswith(b"HTTP/1.1 200 "), rest[:200]
