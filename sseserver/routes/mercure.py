@@ -110,7 +110,9 @@ def register(app: Application, ctx: Context) -> None:
             allowed = claims.publish
             if allowed is None or not all(any_match(allowed, (t,)) for t in topics):
                 raise HTTPError(403, "forbidden", "token may not publish to these topics")
-        data = "\n".join(form["data"]) if "data" in form else None
+        # No data is empty data: the event still carries a ``data:`` line, or EventSource
+        # would never dispatch it (the reference hub writes one too).
+        data = "\n".join(form.get("data", ()))
         event_id = _first(form, "id") or None
         event_type = _first(form, "type") or None
         retry_raw = _first(form, "retry")

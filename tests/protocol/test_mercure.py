@@ -224,6 +224,19 @@ async def test_publish_form_fields() -> None:
                    b"data: line two\ndata: line three\n\n" in reader.data
 
 
+async def test_publish_without_data_is_dispatched_with_empty_data() -> None:
+    """An update may carry no data (a topic "changed" ping); EventSource dispatches an
+    event only with a data line, so one is written, empty."""
+    async with app_server() as (server, _ctx):
+        client, _resp, reader = await subscribe(server.port, sub_target(BOOK1))
+        async with client:
+            resp = await publish_one_shot(server.port, [("topic", BOOK1), ("id", "ping-1")])
+            assert resp.status == 200
+            (event,) = await read_until_id(reader, "ping-1")
+            assert event == Event("message", "", "ping-1")
+            assert b"id: ping-1\ndata: \n\n" in reader.data
+
+
 async def test_publish_keeps_the_connection_alive() -> None:
     """SPEC §3: keep-alive after a finished response; a publisher may POST many updates
     over one connection."""
