@@ -60,6 +60,8 @@ def build(config: Config, environ: Mapping[str, str] | None = None) -> tuple[App
         issuer=config.jwt_issuer,
     )
     redis = getattr(hub, "redis", None)
+    if config.max_streams_per_subject:
+        ctx.stream_limiter = ConcurrencyLimiter(config.max_streams_per_subject, redis)
     app.middlewares.append(request_id)
     if config.cors_origins:
         app.middlewares.append(CORS(config.cors_origins))
@@ -69,9 +71,7 @@ def build(config: Config, environ: Mapping[str, str] | None = None) -> tuple[App
             ClientAddress(config.trusted_proxies),
             ctx.metrics,
             WindowLimiter(config.rate, redis) if config.rate else None,
-            ConcurrencyLimiter(config.max_streams_per_subject)
-            if config.max_streams_per_subject
-            else None,
+            ctx.stream_limiter,
         )
     )
     ops.register(app, ctx)
@@ -129,6 +129,8 @@ def make_server(config: Config, environ: Mapping[str, str] | None = None) -> Ser
             await provider.aclose()
         if presence is not None:
             await presence.aclose()
+        if ctx.stream_limiter is not None:
+            await ctx.stream_limiter.aclose()
         await ctx.hub.aclose()
 
     server = Server(config, app, on_startup=on_startup, on_shutdown=on_shutdown)

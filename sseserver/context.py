@@ -11,6 +11,7 @@ from .hub.memory import MemoryHub
 from .metrics import Metrics
 from .providers import load
 from .providers.base import Provider
+from .ratelimit import ConcurrencyLimiter
 
 log = logging.getLogger("sseserver")
 
@@ -22,6 +23,7 @@ class Context:
     generations: Generations
     providers: dict[str, Provider] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
+    stream_limiter: ConcurrencyLimiter | None = None  # --max-streams-per-subject
     shutting_down: bool = False
 
     def provider(self, name: str | None) -> Provider | None:

@@ -133,18 +133,20 @@ class Guard:
         ):
             await call_next(request, stream)
             return
-        if not concurrency.acquire(key):
+        taken = await concurrency.acquire(key)
+        if taken is None:
             self.metrics.rate_limited.labels("streams").inc()
             raise HTTPError(
                 429, "too_many_streams", "too many concurrent streams", [("Retry-After", "1")]
             )
+        lease: str = taken
         released = False
 
         def release(_stream: EventStream | None = None) -> None:
             nonlocal released
             if not released:
                 released = True
-                concurrency.release(key)
+                concurrency.release(lease)
 
         try:
             await call_next(request, stream)

@@ -1,12 +1,17 @@
 """Rate limits per subject (JWT ``sub``) or client IP (SPEC §9): requests per window and
-concurrent streams. With the Redis hub the request windows are shared by all instances
-(fixed windows, one INCR per request); concurrent streams are counted per instance."""
+concurrent streams. With the Redis hub both are shared by all instances: request windows
+as counters (one INCR per request), open streams as leases in a sorted set per subject,
+renewed by the instance holding them, so a crashed instance's streams stop counting."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import itertools
+import logging
 import math
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +20,18 @@ from .config import Rate
 from .stream import Request
 
 MAX_TRACKED_KEYS = 100_000  # bound the table against a flood of distinct addresses
+LEASE_S = 30.0  # a shared stream slot outlives its instance by at most this long
+
+log = logging.getLogger("sseserver")
+
+# Drop expired leases, then take one if fewer than the limit are held (atomically).
+_ACQUIRE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
 
 
 def _networks(trusted: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -115,22 +132,94 @@ class WindowLimiter:
 
 
 class ConcurrencyLimiter:
-    """At most ``limit`` open streams per key on this instance."""
+    """At most ``limit`` open streams per key: on this instance, or on all instances that
+    share ``redis``. Without Redis (or while it is unreachable) each instance counts its
+    own, so a Redis outage never refuses streams it cannot count."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(
+        self, limit: int, redis: Any = None, *, lease_s: float = LEASE_S,
+        prefix: str = "sseserver:streams:",
+    ) -> None:
         self.limit = limit
+        self._redis = redis
+        self.lease_s = lease_s
+        self._prefix = prefix
         self._open: dict[str, int] = {}
+        self._ids = itertools.count()
+        self._instance = uuid.uuid4().hex[:12]
+        self._leases: dict[str, str] = {}  # lease member -> its Redis key
+        self._acquire_script: Any = redis.register_script(_ACQUIRE) if redis else None
+        self._renewer: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Task[Any]] = set()
 
-    def acquire(self, key: str) -> bool:
+    async def acquire(self, key: str) -> str | None:
+        """A lease on one of ``key``'s slots, or None when all are taken."""
+        if self._redis is not None:
+            member = f"{self._instance}:{next(self._ids)}"
+            redis_key = self._prefix + key
+            now = time.time()
+            try:
+                taken = await self._acquire_script(
+                    keys=[redis_key],
+                    args=[now, self.limit, now + self.lease_s, member, int(self.lease_s * 2000)],
+                )
+            except Exception as exc:  # any Redis failure: count locally
+                log.warning("stream limit: redis unavailable, counting locally: %s", exc)
+            else:
+                if not taken:
+                    return None
+                self._leases[member] = redis_key
+                self._start_renewing()
+                return member
         count = self._open.get(key, 0)
         if count >= self.limit:
-            return False
+            return None
         self._open[key] = count + 1
-        return True
+        return "local:" + key
 
-    def release(self, key: str) -> None:
-        count = self._open.get(key, 0) - 1
-        if count <= 0:
-            self._open.pop(key, None)
-        else:
-            self._open[key] = count
+    def release(self, lease: str) -> None:
+        if lease.startswith("local:"):
+            key = lease[6:]
+            count = self._open.get(key, 0) - 1
+            if count <= 0:
+                self._open.pop(key, None)
+            else:
+                self._open[key] = count
+            return
+        redis_key = self._leases.pop(lease, None)
+        if redis_key is not None and self._redis is not None:
+            task = asyncio.get_running_loop().create_task(self._give_back(redis_key, lease))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _give_back(self, redis_key: str, member: str) -> None:
+        try:
+            await self._redis.zrem(redis_key, member)
+        except Exception:  # the lease runs out by itself
+            pass
+
+    def _start_renewing(self) -> None:
+        if self._renewer is None or self._renewer.done():
+            loop = asyncio.get_running_loop()
+            self._renewer = loop.create_task(self._renew_forever(), name="stream-leases")
+
+    async def _renew_forever(self) -> None:
+        """One task renews every lease this instance holds (not one timer per stream)."""
+        while self._leases:
+            await asyncio.sleep(self.lease_s / 3)
+            expiry = time.time() + self.lease_s
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for member, redis_key in list(self._leases.items()):
+                        pipe.zadd(redis_key, {member: expiry}, xx=True)
+                        pipe.pexpire(redis_key, int(self.lease_s * 2000))
+                    await pipe.execute()
+            except Exception as exc:  # retried at the next round
+                log.warning("stream limit: cannot renew leases: %s", exc)
+
+    async def aclose(self) -> None:
+        tasks = [t for t in (self._renewer, *self._pending) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)

@@ -76,9 +76,7 @@ class RedisHub(MemoryHub):
         return self._redis
 
     async def start(self) -> None:
-        self._redis = aioredis.from_url(
-            self.url, socket_connect_timeout=2, socket_keepalive=True, health_check_interval=10
-        )
+        # The client made in __init__ is the one the rate limiters were given: keep it.
         try:
             await self._load_history()
             self._connected = True

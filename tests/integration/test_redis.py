@@ -240,6 +240,38 @@ async def test_immediate_reconnect_to_b_resumes_instead_of_starting_anew(
         assert resp_b.status == 204, resp_b.body[:200]
 
 
+async def test_concurrent_stream_cap_is_shared_across_instances(tmp_path: Path) -> None:
+    """--max-streams-per-subject 2 with the Redis hub: two streams of one subject on A
+    leave none for it on B; when one ends, B has a slot again (leases in Redis)."""
+    cap = ("--max-streams-per-subject", "2")
+    with redis_running(tmp_path / "redis") as redis, \
+            sseserver_running(tmp_path, *server_args(redis, *cap), name="a") as a, \
+            sseserver_running(tmp_path, *server_args(redis, *cap), name="b") as b:
+        long_stream = "/v1/stream?tokens=100000&interval_ms=50"
+        first = await open_stream(a.port, long_stream)
+        second = await open_stream(a.port, long_stream)
+        try:
+            assert first[1].status == 200 and second[1].status == 200
+            refused = await request(b.port, "GET", long_stream)
+            assert refused.status == 429, refused.body[:200]
+            assert refused.header("retry-after") is not None
+            assert json.loads(refused.body)["error"]["code"] == "too_many_streams"
+            await first[0].close()  # one slot comes back, wherever it was taken
+            third = None
+            for _ in range(100):  # bounded: the slot returns once A has seen the close
+                attempt = await open_stream(b.port, long_stream)
+                if attempt[1].status == 200:
+                    third = attempt
+                    break
+                await attempt[0].close()
+                await asyncio.sleep(0.02)
+            assert third is not None, "the freed slot never became available on B"
+            await third[0].close()
+        finally:
+            await first[0].close()
+            await second[0].close()
+
+
 async def test_cancel_asked_of_b_stops_the_generation_on_a(tmp_path: Path) -> None:
     """The Stop button's request may land on another instance than the generation."""
     with redis_running(tmp_path / "redis") as redis, \
