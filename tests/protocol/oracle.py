@@ -1,0 +1,161 @@
+"""A small loopback client for protocol tests: raw requests written by hand, every answer
+parsed by h11 as an oracle (so a framing mistake of the server fails the test), SSE
+bodies parsed by the WHATWG parser of ``tests.sse_parser``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import h11
+
+from tests.sse_parser import Event, SSEParser
+
+
+class Response:
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def header(self, name: str) -> str | None:
+        values = self.header_values(name)
+        return values[0] if values else None
+
+    def header_values(self, name: str) -> list[str]:
+        key = name.lower().encode()
+        return [v.decode("latin-1") for k, v in self.headers if k.lower() == key]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Client:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.oracle = h11.Connection(h11.CLIENT)
+        self.parser = SSEParser()
+        self.ended = False
+
+    @classmethod
+    async def open(cls, port: int, rcvbuf: int | None = None) -> Client:
+        sock = None
+        if rcvbuf is not None:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            reader, writer = await asyncio.open_connection(sock=sock, limit=rcvbuf)
+        else:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), 2)
+        except (ConnectionError, OSError, TimeoutError):
+            pass
+
+    def send_raw(self, head: bytes, method: str = "GET", target: str = "/") -> None:
+        self.writer.write(head)
+        if self.oracle.our_state is h11.DONE and self.oracle.their_state is h11.DONE:
+            self.oracle.start_next_cycle()
+        self.oracle.send(h11.Request(method=method, target=target, headers=[("Host", "x")]))
+        self.oracle.send(h11.EndOfMessage())
+
+    def send(
+        self,
+        method: str,
+        target: str,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+    ) -> None:
+        lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1"]
+        lines += [f"{k}: {v}" for k, v in headers]
+        if body:
+            lines.append(f"Content-Length: {len(body)}")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        self.send_raw(head, method, target)
+
+    async def _event(self, within: float) -> Any:
+        async with asyncio.timeout(within):
+            while True:
+                event = self.oracle.next_event()
+                if event is not h11.NEED_DATA:
+                    return event
+                try:
+                    data = await self.reader.read(65536)
+                except ConnectionError:
+                    data = b""
+                self.oracle.receive_data(data)
+
+    async def head(self, within: float = 5.0) -> Response:
+        event = await self._event(within)
+        assert isinstance(event, h11.Response), event
+        return Response(event.status_code, list(event.headers))
+
+    async def body(self, within: float = 5.0) -> bytes:
+        out = bytearray()
+        while True:
+            event = await self._event(within)
+            if isinstance(event, h11.EndOfMessage):
+                self.ended = True
+                return bytes(out)
+            assert isinstance(event, h11.Data), event
+            out += event.data
+
+    async def response(self, within: float = 5.0) -> Response:
+        resp = await self.head(within)
+        resp.body = await self.body(within)
+        return resp
+
+    async def next_event(self, within: float = 5.0) -> Event:
+        """The next SSE event of the current (streaming) body."""
+        async with asyncio.timeout(within):
+            while not self.parser.events:
+                assert not self.ended, "the stream ended"
+                event = await self._event(within)
+                if isinstance(event, h11.EndOfMessage):
+                    self.ended = True
+                else:
+                    assert isinstance(event, h11.Data), event
+                    self.parser.feed(event.data)
+            return self.parser.events.pop(0)
+
+    async def rest(self, within: float = 10.0) -> list[Event]:
+        body = await self.body(within)
+        self.parser.feed(body)
+        out, self.parser.events = list(self.parser.events), []
+        return out
+
+
+async def fetch(
+    port: int,
+    target: str,
+    headers: Iterable[tuple[str, str]] = (),
+    *,
+    method: str = "GET",
+    body: bytes = b"",
+) -> Response:
+    async with await Client.open(port) as client:
+        client.send(method, target, headers, body)
+        return await client.response(10)
+
+
+async def eventually(predicate: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition did not hold in time"
+        await asyncio.sleep(0.05)
