@@ -50,12 +50,9 @@ from sseserver.providers.base import (
     UpstreamTimeout,
     Usage,
 )
+from sseserver.providers.pool import upstream_pool
 
 PLACEHOLDER_API_KEY = "no-key-required"
-
-# As for OpenAI: upstream connections are bounded by the server's stream limits.
-MAX_CONNECTIONS: int | None = None
-MAX_KEEPALIVE_CONNECTIONS = 100
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 
@@ -121,18 +118,11 @@ class GeminiProvider:
         self.default_model = default_model
         self.models: tuple[str, ...] = tuple(dict.fromkeys((default_model, *GEMINI_MODELS)))
         self.timeout_s = timeout_s
-        timeout = httpx.Timeout(timeout_s)
-        self._http = httpx.AsyncClient(
-            transport=transport,
-            timeout=timeout,
-            limits=httpx.Limits(
-                max_connections=MAX_CONNECTIONS,
-                max_keepalive_connections=MAX_KEEPALIVE_CONNECTIONS,
-            ),
-            event_hooks={"response": [_on_response]},
+        self._http = upstream_pool(
+            timeout_s, transport, event_hooks={"response": [_on_response]}
         )
         # Never used for requests; given so the SDK does not build a pool of its own.
-        self._sync_http = httpx.Client(timeout=timeout)
+        self._sync_http = httpx.Client(timeout=httpx.Timeout(timeout_s))
         key = (
             api_key
             or os.environ.get("GEMINI_API_KEY")

@@ -43,15 +43,10 @@ from sseserver.providers.base import (
     UpstreamTimeout,
     Usage,
 )
+from sseserver.providers.pool import upstream_pool
 
 PLACEHOLDER_API_KEY = "sk-no-key-required"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"  # the SDK's, when neither flag nor env says
-
-# Upstream connections are bounded by the server's own stream limits (one per generation);
-# a pool limit here would only turn load into pool timeouts reported as upstream timeouts.
-MAX_CONNECTIONS: int | None = None
-# Idle connections kept for reuse: enough for bursts, few enough to hold little memory.
-MAX_KEEPALIVE_CONNECTIONS = 100
 
 # Advertised to the demo page when talking to api.openai.com. Behind another base URL
 # (vLLM, Ollama, ...) the model names are the operator's, so only the default is offered.
@@ -104,15 +99,8 @@ class OpenAIBase:
         )
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or PLACEHOLDER_API_KEY
         self.timeout_s = timeout_s
-        self._http = httpx.AsyncClient(
-            transport=transport,
-            timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(
-                max_connections=MAX_CONNECTIONS,
-                max_keepalive_connections=MAX_KEEPALIVE_CONNECTIONS,
-            ),
-            follow_redirects=True,
-            **self._http_options(),
+        self._http = upstream_pool(
+            timeout_s, transport, follow_redirects=True, **self._http_options()
         )
 
     def _http_options(self) -> dict[str, Any]:
