@@ -422,17 +422,6 @@ class HTTPProtocol(asyncio.Protocol):
             transport.write(b"".join(rest) + body)
         return chunked
 
-    def send_body(self, body: bytes) -> None:
-        """Write a Content-Length body through h11, which counts it for keep-alive."""
-        try:
-            data = self._conn.send(h11.Data(data=body))
-        except h11.LocalProtocolError:
-            log.exception("cannot send response body")
-            self.close_connection(abort=True)
-            return
-        if self.transport is not None and data:
-            self.transport.write(data)
-
     def end_response(self) -> None:
         """Finish the current response; keep the connection for the next request or
         close it, as h11 decides."""
@@ -503,15 +492,7 @@ class HTTPProtocol(asyncio.Protocol):
             head.extend((k.encode(), v.encode()) for k, v in headers)
             given = self._request.header("x-request-id") if self._request else None
             head.append((b"x-request-id", ids.request_id(given).encode()))
-            head.append((b"date", _DateHeader.get()))
-            head.append((b"server", b"sseserver"))
-            try:
-                response = h11.Response(
-                    status_code=status, headers=head, reason=_REASONS.get(status, b"")
-                )
-                transport.write((self._conn.send(response) or b"") + body)  # one write
-            except h11.LocalProtocolError:
-                transport.write(_canned(status, code, message))
+            self.send_head(status, head, body)
         self._log_refusal(status, code)
         self.close_connection()
 

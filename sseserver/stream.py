@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Literal, Protocol
 from urllib.parse import parse_qs
 
@@ -33,15 +34,12 @@ PING = Frame.of(encode_comment("ping"))
 TOKEN_EXPIRED = encode_event(
     '{"code":"token_expired","message":"access token expired","retryable":true}', event="error"
 )
-# A stream's first bytes, by retry_ms (None: no retry field); it makes proxies flush the
-# head at once. The common ones are encoded once.
+@lru_cache(maxsize=64)
 def preamble(retry_ms: int | None) -> bytes:
-    """``retry: <ms>`` first, then a comment (SPEC §4), in one block."""
+    """A stream's first bytes: ``retry: <ms>``, then a comment (SPEC §4) that makes
+    proxies flush the head at once. Encoded once per value."""
     opening = encode_comment("stream open")
     return encode_retry(retry_ms)[:-1] + opening if retry_ms else opening
-
-
-PREAMBLES: dict[int | None, bytes] = {ms: preamble(ms) for ms in (None, 0, 2000)}
 SLOW_GOODBYE = Frame.of(encode_comment("slow consumer: disconnecting, resume with Last-Event-ID"))
 
 STREAM_HEADERS: HeaderList = [
@@ -114,7 +112,6 @@ class Channel(Protocol):
     def send_head(
         self, status: int, headers: HeaderList, body: bytes = b"", preamble: bytes = b""
     ) -> bool: ...
-    def send_body(self, body: bytes) -> None: ...
     def end_response(self) -> None: ...
     def close_connection(self, abort: bool = False) -> None: ...
 
@@ -228,7 +225,7 @@ class EventStream:
             self.state = "done"
             self._channel.end_response()
             return False
-        first = PREAMBLES.get(retry_ms) or preamble(retry_ms)
+        first = preamble(retry_ms)
         self._chunked = self._channel.send_head(status, head, preamble=first)
         self.extra_headers = []  # sent; a long-lived stream need not hold them
         if self._channel.transport is None:

@@ -191,9 +191,6 @@ class FakeChannel:
             self.bodies.append(body)
         return False
 
-    def send_body(self, body: bytes) -> None:
-        self.bodies.append(body)
-
     def end_response(self) -> None:
         self.ended += 1
 
