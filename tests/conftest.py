@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from sseserver.cli import make_server
 from sseserver.config import Config
@@ -125,3 +126,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if skipped:
         print(f"\nCI=true: {skipped} test(s) skipped; a skip is a failure here.")
         session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def rsa_key() -> rsa.RSAPrivateKey:
+    """An RSA key for RS256 tokens (made once per run: it is slow)."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="session")
+def ec_key() -> ec.EllipticCurvePrivateKey:
+    """A P-256 key for ES256 tokens."""
+    return ec.generate_private_key(ec.SECP256R1())

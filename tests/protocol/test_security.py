@@ -5,7 +5,6 @@ proxies); concurrent-stream caps; the CORS allowlist; the start-up warning when 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -17,11 +16,11 @@ from urllib.parse import quote, urlencode
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from sseserver.config import parse_rate
 from tests.conftest import running_server, server_process
+from tests.jwt_keys import b64url, public_pem
 from tests.protocol.oracle import Client, Response, eventually, fetch
 from tests.sse_parser import Event
 
@@ -56,35 +55,17 @@ def hs256(claims: dict[str, Any] | None = None, secret: str = SECRET) -> str:
     return jwt.encode({"sub": "alice", **(claims or {})}, secret, algorithm="HS256")
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
 
 def handmade(alg: str, claims: dict[str, Any], key: bytes | None = None) -> str:
     """A token PyJWT would refuse to make: alg none, or HS256 keyed with a PEM."""
-    signing = _b64(json.dumps({"alg": alg, "typ": "JWT"}).encode()) + "."
-    signing += _b64(json.dumps(claims).encode())
+    signing = b64url(json.dumps({"alg": alg, "typ": "JWT"}).encode()) + "."
+    signing += b64url(json.dumps(claims).encode())
     if key is None:
         return signing + "."
-    return signing + "." + _b64(hmac.new(key, signing.encode(), hashlib.sha256).digest())
+    return signing + "." + b64url(hmac.new(key, signing.encode(), hashlib.sha256).digest())
 
 
-def public_pem(key: Any) -> str:
-    return str(
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
 
-
-@pytest.fixture(scope="module")
-def rsa_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-@pytest.fixture(scope="module")
-def ec_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
 
 
 def bearer(token: str) -> list[tuple[str, str]]:

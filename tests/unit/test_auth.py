@@ -4,7 +4,6 @@ with ``WWW-Authenticate``), and how Mercure claims are read. Keys are generated 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -14,47 +13,29 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from sseserver.auth import LEEWAY_S, Authenticator, Claims, token_from
 from sseserver.errors import HTTPError
 from sseserver.stream import Request
+from tests.jwt_keys import b64url, public_pem
 
 SECRET = "unit-test-secret-that-is-long-enough-for-hs256"
 
 
-def _pem_public(key: Any) -> str:
-    return str(
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
 
 
-@pytest.fixture(scope="module")
-def rsa_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-@pytest.fixture(scope="module")
-def ec_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def _unsigned(header: dict[str, Any], payload: dict[str, Any]) -> str:
-    return _b64(json.dumps(header).encode()) + "." + _b64(json.dumps(payload).encode())
+    return b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(payload).encode())
 
 
 def _hs256_with(key: bytes, payload: dict[str, Any]) -> str:
     """An HS256 token made by hand (PyJWT refuses a PEM as an HMAC key when encoding)."""
     signing_input = _unsigned({"alg": "HS256", "typ": "JWT"}, payload)
     sig = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
-    return signing_input + "." + _b64(sig)
+    return signing_input + "." + b64url(sig)
 
 
 def _request(
@@ -199,7 +180,7 @@ def test_wrong_secret_401() -> None:
 def test_tampered_payload_401() -> None:
     token = jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256")
     head, _, sig = token.split(".")
-    forged = head + "." + _b64(json.dumps({"sub": "admin"}).encode()) + "." + sig
+    forged = head + "." + b64url(json.dumps({"sub": "admin"}).encode()) + "." + sig
     _refused(Authenticator(secret=SECRET), forged)
 
 
@@ -246,21 +227,21 @@ def test_audience_not_configured_ignores_aud() -> None:
 
 
 def test_rs256_with_pem_text(rsa_key: rsa.RSAPrivateKey) -> None:
-    auth = Authenticator(public_key=_pem_public(rsa_key))
+    auth = Authenticator(public_key=public_pem(rsa_key))
     assert auth.enabled
     claims = auth.decode(jwt.encode({"sub": "r"}, rsa_key, algorithm="RS256"))
     assert claims.subject == "r"
 
 
 def test_es256_with_pem_text(ec_key: ec.EllipticCurvePrivateKey) -> None:
-    auth = Authenticator(public_key=_pem_public(ec_key))
+    auth = Authenticator(public_key=public_pem(ec_key))
     claims = auth.decode(jwt.encode({"sub": "e"}, ec_key, algorithm="ES256"))
     assert claims.subject == "e"
 
 
 def test_public_key_from_a_path(tmp_path: Path, ec_key: ec.EllipticCurvePrivateKey) -> None:
     path = tmp_path / "key.pem"
-    path.write_text(_pem_public(ec_key))
+    path.write_text(public_pem(ec_key))
     auth = Authenticator(public_key=str(path))
     assert auth.decode(jwt.encode({"sub": "p"}, ec_key, algorithm="ES256")).subject == "p"
 
@@ -273,7 +254,7 @@ def test_public_key_path_missing_fails_at_start_up(tmp_path: Path) -> None:
 def test_hs256_signed_with_the_public_key_is_refused(rsa_key: rsa.RSAPrivateKey) -> None:
     """The classic algorithm confusion: the attacker knows the public key and uses it as
     an HMAC secret."""
-    pem = _pem_public(rsa_key)
+    pem = public_pem(rsa_key)
     auth = Authenticator(public_key=pem)
     _refused(auth, _hs256_with(pem.encode(), {"sub": "admin"}))
     _refused(auth, _hs256_with(SECRET.encode(), {"sub": "admin"}))
@@ -281,19 +262,19 @@ def test_hs256_signed_with_the_public_key_is_refused(rsa_key: rsa.RSAPrivateKey)
 
 def test_rs256_from_another_key_refused(rsa_key: rsa.RSAPrivateKey) -> None:
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    auth = Authenticator(public_key=_pem_public(rsa_key))
+    auth = Authenticator(public_key=public_pem(rsa_key))
     _refused(auth, jwt.encode({"sub": "x"}, other, algorithm="RS256"))
 
 
 def test_es256_token_against_an_rsa_key_refused(
     rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey
 ) -> None:
-    auth = Authenticator(public_key=_pem_public(rsa_key))
+    auth = Authenticator(public_key=public_pem(rsa_key))
     _refused(auth, jwt.encode({"sub": "x"}, ec_key, algorithm="ES256"))
 
 
 def test_alg_none_refused_with_a_public_key(rsa_key: rsa.RSAPrivateKey) -> None:
-    auth = Authenticator(public_key=_pem_public(rsa_key))
+    auth = Authenticator(public_key=public_pem(rsa_key))
     _refused(auth, _unsigned({"alg": "none"}, {"sub": "admin"}) + ".")
 
 
