@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
 from sseserver.providers.synthetic import token_text
 from tests.conftest import server_process
+from tests.integration.logtail import LogTail
 from tests.integration.nginx import Nginx, bare_proxy_config, deploy_config, nginx_running
 from tests.sse_parser import Event, SSEParser
 
@@ -46,52 +45,6 @@ MAX_LATENESS_S = 0.5
 
 
 # -- the sseserver process and its log ---------------------------------------------------
-
-
-class LogTail:
-    """Collects the server's JSON log lines (stdout+stderr) in a background thread."""
-
-    def __init__(self, stream: IO[bytes]) -> None:
-        self.lines: list[str] = []
-        self.records: list[dict[str, Any]] = []
-        self._new: queue.Queue[None] = queue.Queue()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _run(self, stream: IO[bytes]) -> None:
-        try:
-            for raw in stream:
-                line = raw.decode("utf-8", "replace").rstrip("\n")
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    record = None
-                with self._lock:
-                    self.lines.append(line)
-                    if isinstance(record, dict):
-                        self.records.append(record)
-                self._new.put(None)
-        except (ValueError, OSError):  # the pipe was closed under us at teardown
-            pass
-
-    def text(self) -> str:
-        with self._lock:
-            return "\n".join(self.lines)
-
-    def find(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
-        with self._lock:
-            return next((r for r in self.records if predicate(r)), None)
-
-    async def wait_for(
-        self, predicate: Callable[[dict[str, Any]], bool], within_s: float
-    ) -> dict[str, Any] | None:
-        deadline = time.monotonic() + within_s
-        while True:
-            found = self.find(predicate)
-            if found is not None or time.monotonic() >= deadline:
-                return found
-            await asyncio.sleep(0.02)
 
 
 def of_generation(gen: str) -> Callable[[dict[str, Any]], bool]:
@@ -340,7 +293,7 @@ async def test_bare_proxy_pass_streams_event_by_event(upstream: Upstream, tmp_pa
         finally:
             await response.close()
         gen = check_token_stream(response)
-        record = await upstream.log.wait_for(of_generation(gen), 2.0)
+        record = await upstream.log.arrival(of_generation(gen), 2.0)
         assert record is not None, f"no access log line for {gen}:\n{upstream.log.text()}"
         assert record.get("status") == 200 and record.get("reason") == "complete", record
         # HTTP/1.0 to the upstream: the body was delimited by closing the connection.
@@ -381,7 +334,7 @@ async def test_deploy_config_streams_and_keeps_upstream_alive(
         assert after == idle, f"keep-alive connection not kept after the 2nd stream: {after}"
 
         for gen in (gen1, gen2):
-            record = await upstream.log.wait_for(of_generation(gen), 2.0)
+            record = await upstream.log.arrival(of_generation(gen), 2.0)
             assert record is not None and record.get("reason") == "complete", (
                 f"{gen}: {record}\n{upstream.log.text()}"
             )
@@ -410,7 +363,7 @@ async def test_client_disconnect_through_nginx_stops_generation(
             await response.close()
         closed_at = time.monotonic()
 
-        record = await upstream.log.wait_for(of_generation(gen), 2.0)
+        record = await upstream.log.arrival(of_generation(gen), 2.0)
         assert record is not None, (
             f"sseserver logged no end of stream {gen} within 2 s of the client leaving "
             f"through nginx ({kind}).\nserver log:\n{upstream.log.text()}\n"

@@ -20,14 +20,15 @@ import os
 import subprocess
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
 from sseserver.providers.synthetic import token_text
 from tests.conftest import ROOT, require, require_binary, server_process
+from tests.integration.logtail import LOG_WAIT_S, LogTail
 from tests.upstreams import RequestRecord
 from tests.upstreams import token_text as upstream_token_text
 from tests.upstreams.openai_wire import OpenAIWire
@@ -38,7 +39,6 @@ NODE_DIR = ROOT / "tests" / "node"
 CLIENT = NODE_DIR / "ui_stream_client.mjs"
 CLIENT_TIMEOUT_MS = 15_000  # the client's own deadline: it then prints {"timeout": true}
 CLIENT_KILL_S = 25  # and the process's, should the client not keep to its own
-LOG_WAIT_S = 3.0  # from the client's exit to the server's access log line
 MODES = ("transport", "chat")
 
 
@@ -79,57 +79,6 @@ def node() -> str:
 
 
 # -- the sseserver process and its access log ---------------------------------------------
-
-
-class LogTail:
-    """The server's JSON log lines, read by a thread; waits are condition-variable waits."""
-
-    def __init__(self, stream: IO[bytes]) -> None:
-        self.lines: list[str] = []
-        self.records: list[dict[str, Any]] = []
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _run(self, stream: IO[bytes]) -> None:
-        try:
-            for raw in stream:
-                line = raw.decode("utf-8", "replace").rstrip("\n")
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    record = None
-                with self._cond:
-                    self.lines.append(line)
-                    if isinstance(record, dict):
-                        self.records.append(record)
-                    self._cond.notify_all()
-        except (ValueError, OSError):  # the pipe was closed under us at teardown
-            pass
-
-    def text(self) -> str:
-        with self._cond:
-            return "\n".join(self.lines)
-
-    def wait_for(
-        self, predicate: Callable[[dict[str, Any]], bool], within_s: float
-    ) -> dict[str, Any] | None:
-        def find() -> dict[str, Any] | None:
-            return next((r for r in self.records if predicate(r)), None)
-
-        with self._cond:
-            self._cond.wait_for(lambda: find() is not None, timeout=within_s)
-            return find()
-
-    def access(self, request_id: str, within_s: float = LOG_WAIT_S) -> dict[str, Any]:
-        record = self.wait_for(
-            lambda r: r.get("logger") == "sseserver.access" and r.get("request_id") == request_id,
-            within_s,
-        )
-        assert record is not None, (
-            f"no access log line for request {request_id} within {within_s} s:\n{self.text()}"
-        )
-        return record
 
 
 class Upstream:
