@@ -78,6 +78,20 @@ def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[Any] 
     raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
 
 
+def stop_process(proc: subprocess.Popen[bytes], within_s: float = 15.0) -> None:
+    """SIGTERM (a clean exit is part of what is tested), SIGKILL if it does not come
+    within ``within_s``; then close its output pipe."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(within_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
 @contextmanager
 def server_process(*args: str, env: dict[str, str] | None = None,
                    port: int | None = None) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
@@ -93,15 +107,7 @@ def server_process(*args: str, env: dict[str, str] | None = None,
         wait_for_port(port, proc=proc)
         yield proc, port
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+        stop_process(proc)
 
 
 async def read_until(reader: asyncio.StreamReader, marker: bytes, limit_s: float = 10.0

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import ROOT, free_port, require_binary, wait_for_port
+from tests.conftest import ROOT, free_port, require_binary, stop_process, wait_for_port
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
@@ -177,10 +177,4 @@ def sseserver_running(folder: Path, *args: str, port: int | None = None,
         wait_for_port(port, proc=proc)
         yield ServerProcess(proc, port, log_path)
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)

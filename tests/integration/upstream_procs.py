@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, stop_process
 from tests.upstreams import FakeUpstream, RequestRecord, Responder, main
 from tests.upstreams.gemini_wire import GeminiWire
 from tests.upstreams.openai_wire import OpenAIWire
@@ -85,15 +85,7 @@ class UpstreamProcess:
         return f"{self.url}/v1" if self.api == "openai" else f"{self.url}/"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        stop_process(self.proc, within_s=10)
 
 
 def start_upstream(api: str) -> UpstreamProcess:
