@@ -13,6 +13,7 @@ from typing import Any
 
 import h11
 
+from tests.protocol.rawhttp import Loopback
 from tests.sse_parser import Event, SSEParser
 
 
@@ -34,11 +35,11 @@ class Response:
         return json.loads(self.body)
 
 
-class Client:
+class Client(Loopback):
+    """Requests by method and target, answers as ``Response``; SSE events of a body."""
+
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.oracle = h11.Connection(h11.CLIENT)
+        super().__init__(reader, writer)
         self.parser = SSEParser()
         self.ended = False
 
@@ -55,18 +56,6 @@ class Client:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
         return cls(reader, writer)
 
-    async def __aenter__(self) -> Client:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        self.writer.close()
-        try:
-            await asyncio.wait_for(self.writer.wait_closed(), 2)
-        except (ConnectionError, OSError, TimeoutError):
-            pass
 
     def send_raw(self, head: bytes, method: str = "GET", target: str = "/") -> None:
         self.writer.write(head)

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Self
 from unittest import mock
 
 import h11
@@ -156,23 +156,16 @@ def build_request(
 # -- the client --------------------------------------------------------------------------
 
 
-class RawClient:
-    """One TCP connection: raw writes, h11-checked reads."""
+class Loopback:
+    """One test TCP connection with an h11 client as the oracle of what comes back;
+    closed (bounded) on leaving its ``async with``."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
         self.oracle = h11.Connection(h11.CLIENT)
-        self.raw = bytearray()  # every byte received, in order
-        self.eof = False
 
-    @classmethod
-    async def connect(cls, port: int, within: float = 5.0) -> RawClient:
-        async with asyncio.timeout(within):
-            reader, writer = await asyncio.open_connection(HOST, port)
-        return cls(reader, writer)
-
-    async def __aenter__(self) -> RawClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -185,6 +178,22 @@ class RawClient:
                 await self.writer.wait_closed()
         except (ConnectionError, OSError, TimeoutError):
             pass
+
+
+class RawClient(Loopback):
+    """One TCP connection: raw writes, h11-checked reads."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super().__init__(reader, writer)
+        self.raw = bytearray()  # every byte received, in order
+        self.eof = False
+
+    @classmethod
+    async def connect(cls, port: int, within: float = 5.0) -> RawClient:
+        async with asyncio.timeout(within):
+            reader, writer = await asyncio.open_connection(HOST, port)
+        return cls(reader, writer)
+
 
     # writing
 
