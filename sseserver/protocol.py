@@ -492,7 +492,8 @@ class HTTPProtocol(asyncio.Protocol):
             head.extend((k.encode(), v.encode()) for k, v in headers)
             given = self._request.header("x-request-id") if self._request else None
             head.append((b"x-request-id", ids.request_id(given).encode()))
-            self.send_head(status, head, body)
+            head_only = self._request is not None and self._request.method == "HEAD"
+            self.send_head(status, head, b"" if head_only else body)
         self._log_refusal(status, code)
         self.close_connection()
 

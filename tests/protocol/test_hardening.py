@@ -497,6 +497,16 @@ def test_bad_requests_answered(name: str, raw: bytes, expected: set[int | None])
         assert errors.messages() == []
 
 
+def test_refused_head_request_gets_the_head_only() -> None:
+    """A refusal answers HEAD like any response to HEAD: the head, no body, no error."""
+    raw = b"HEAD /v1/stream HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n"
+    with thread_server(**HARDENED) as (server, errors):
+        outcome = exchange(server.port, [raw])
+        assert outcome.status == 413
+        assert outcome.data.endswith(b"\r\n\r\n"), outcome.data
+        assert errors.messages() == []
+
+
 def test_content_length_with_transfer_encoding_is_refused_and_closed() -> None:
     """RFC 9112 §6.1: the server must close after such a request; the request hidden
     behind it is never answered."""
