@@ -5,7 +5,13 @@ PORT ?= 8000
 STAMP := $(VENV)/.installed
 NODE_STAMP := tests/node/node_modules/.installed
 
-.PHONY: run test test-unit test-protocol test-integration lint bench bench-full clean
+FUZZ_MINUTES ?= 30
+FUZZ_EXAMPLES ?= 2000
+FUZZ_TESTS := tests/protocol/test_hardening.py::test_fuzzed_requests_never_crash_hang_or_leak \
+	tests/unit/test_providers_openai_fast.py
+SOAK_MINUTES ?= 30
+
+.PHONY: run test test-unit test-protocol test-integration lint bench bench-full soak fuzz clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -43,6 +49,24 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run --quick
+	$(PY) -m bench.soak --minutes 3
+
+# Generations at half the process's capacity for SOAK_MINUTES: RSS must stay flat.
+soak: $(STAMP)
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
+
+# A long randomised campaign over the property-based tests: rounds of FUZZ_EXAMPLES
+# examples, each with a fresh seed, for FUZZ_MINUTES. A failure prints its example (and
+# the seed to replay it with --hypothesis-seed); make it a fixed test.
+fuzz: $(STAMP)
+	@end=$$(( $$(date +%s) + $(FUZZ_MINUTES) * 60 )); round=0; \
+	while [ $$(date +%s) -lt $$end ]; do \
+		round=$$((round + 1)); seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' '); \
+		echo "fuzz round $$round, seed $$seed"; \
+		HYPOTHESIS_PROFILE=fuzz SSESERVER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+			$(VENV)/bin/pytest -q -p no:cacheprovider --hypothesis-seed=$$seed \
+			--hypothesis-show-statistics $(FUZZ_TESTS) || exit 1; \
+	done; echo "fuzz: $$round rounds, no failure"
 
 bench-full: $(STAMP)
 	$(PY) -m bench.run --full

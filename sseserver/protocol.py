@@ -119,8 +119,10 @@ class HTTPProtocol(asyncio.Protocol):
         "_awaiting_next",
         "_body",
         "_conn",
+        "_first_word",
         "_got_bytes",
         "_loop",
+        "_method",
         "_request",
         "_stream",
         "_task",
@@ -144,6 +146,10 @@ class HTTPProtocol(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._stream: EventStream | None = None
         self._request: Request | None = None
+        # The method of the request being answered, as soon as h11 has parsed its head
+        # (before our own checks, which may refuse it): it decides whether a body follows.
+        self._method: bytes | None = None
+        self._first_word = b""  # the request's first bytes, for heads h11 cannot parse
         self._body: bytearray | None = None
         self._got_bytes = False  # any byte of the current request seen
         self._awaiting_next = False  # idle between keep-alive requests
@@ -191,6 +197,8 @@ class HTTPProtocol(asyncio.Protocol):
         self.flow.resume_writing()
 
     def data_received(self, data: bytes) -> None:
+        if not self._got_bytes:
+            self._first_word = data[:5]
         try:
             self._conn.receive_data(data)
         except RuntimeError:
@@ -229,6 +237,7 @@ class HTTPProtocol(asyncio.Protocol):
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
             if isinstance(event, h11.Request):
+                self._method = event.method
                 if not self._begin_request(event):
                     return
             elif isinstance(event, h11.Data):
@@ -398,9 +407,12 @@ class HTTPProtocol(asyncio.Protocol):
             status_code=status, headers=framing, reason=_REASONS.get(status, b"")
         )
         conn = self._conn
+        head_only = self._answers_head()
         try:
             head = conn.send(response)
-            if body:
+            if head_only:
+                body = b""  # RFC 9110 §9.3.2: the head of what GET would get, no body
+            elif body:
                 body = conn.send(h11.Data(data=body)) or b""
         except h11.LocalProtocolError:
             log.exception("cannot send response head")
@@ -410,17 +422,24 @@ class HTTPProtocol(asyncio.Protocol):
         chunked = (
             request is not None
             and request.http_version == "1.1"
-            and request.method != "HEAD"
+            and not head_only
             and 200 <= status
             and status not in (204, 304)
         )
         transport = self.transport
         if transport is not None and head:
             rest[0] = head[:-2]  # h11's head without its blank line
-            if preamble:
+            if preamble and not head_only:
                 body = frame(preamble) if chunked else preamble
             transport.write(b"".join(rest) + body)
         return chunked
+
+    def _answers_head(self) -> bool:
+        """Whether the response being sent answers a HEAD request. For a head too large
+        or too malformed for h11 to parse, its first word says what the client expects."""
+        if self._method is not None:
+            return self._method == b"HEAD"
+        return self._first_word == b"HEAD "
 
     def end_response(self) -> None:
         """Finish the current response; keep the connection for the next request or
@@ -441,6 +460,8 @@ class HTTPProtocol(asyncio.Protocol):
             return
         self._stream = None
         conn.start_next_cycle()
+        self._method = None
+        self._first_word = b""
         self._got_bytes = False
         self._awaiting_next = True
         if self.state.shutting_down:
@@ -453,7 +474,9 @@ class HTTPProtocol(asyncio.Protocol):
 
     def _continue(self) -> None:
         if self._task is None and self.transport is not None:
-            if self._conn.trailing_data[0] and self._awaiting_next:
+            pipelined = self._conn.trailing_data[0]
+            if pipelined and self._awaiting_next:
+                self._first_word = pipelined[:5]
                 self._awaiting_next = False
                 self._got_bytes = True
                 self._start_timer(self.state.config.header_timeout_s)
@@ -492,8 +515,7 @@ class HTTPProtocol(asyncio.Protocol):
             head.extend((k.encode(), v.encode()) for k, v in headers)
             given = self._request.header("x-request-id") if self._request else None
             head.append((b"x-request-id", ids.request_id(given).encode()))
-            head_only = self._request is not None and self._request.method == "HEAD"
-            self.send_head(status, head, b"" if head_only else body)
+            self.send_head(status, head, body)
         self._log_refusal(status, code)
         self.close_connection()
 

@@ -18,10 +18,18 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import settings
 
 from sseserver.cli import make_server
 from sseserver.config import Config
 from sseserver.server import Server
+
+# Property-based tests: `make test` draws the same examples on every run (a fixed seed,
+# no example database), so CI never passes or fails by luck; `make fuzz` selects the
+# "fuzz" profile and a fresh seed per round, and prints any failing example to keep.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("fuzz", derandomize=False, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -39,8 +47,9 @@ def require(what: str, available: bool, reason: str = "") -> None:
 
 
 def require_binary(name: str) -> str:
-    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}")
-                                  else None)
+    path = shutil.which(name) or (
+        f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None
+    )
     require(name, path is not None, f"install Debian's {name}")
     assert path is not None
     return path
@@ -64,8 +73,9 @@ async def running_server(config: Config | None = None, **overrides: Any) -> Asyn
         await server.shutdown()
 
 
-def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[Any] | None = None
-                  ) -> None:
+def wait_for_port(
+    port: int, timeout: float = 15.0, proc: subprocess.Popen[Any] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -93,15 +103,19 @@ def stop_process(proc: subprocess.Popen[bytes], within_s: float = 15.0) -> None:
 
 
 @contextmanager
-def server_process(*args: str, env: dict[str, str] | None = None,
-                   port: int | None = None) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def server_process(
+    *args: str, env: dict[str, str] | None = None, port: int | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """``python -m sseserver`` in a subprocess on a free port; stopped by PID."""
     port = port or free_port()
     full_env = {**os.environ, **(env or {})}
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "sseserver", "--port", str(port), *args],
-        cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_for_port(port, proc=proc)
@@ -110,8 +124,7 @@ def server_process(*args: str, env: dict[str, str] | None = None,
         stop_process(proc)
 
 
-async def read_until(reader: asyncio.StreamReader, marker: bytes, limit_s: float = 10.0
-                     ) -> bytes:
+async def read_until(reader: asyncio.StreamReader, marker: bytes, limit_s: float = 10.0) -> bytes:
     """Read until ``marker`` has been seen (or EOF); returns all bytes read."""
     buf = bytearray()
     async with asyncio.timeout(limit_s):
