@@ -8,8 +8,6 @@ this against h11's own output).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 LAST_CHUNK = b"0\r\n\r\n"
 
 
@@ -22,17 +20,40 @@ def frame(data: bytes | bytearray | memoryview) -> bytes:
     return b"".join((b"%x\r\n" % size, data, b"\r\n"))
 
 
-@dataclass(frozen=True, slots=True)
 class Frame:
-    """A payload ready for any connection: ``raw`` for close-delimited HTTP/1.0 bodies,
-    ``chunked`` for HTTP/1.1. Built once, written to many."""
+    """A payload ready for any connection, built once and written to many: ``chunked``
+    for HTTP/1.1, ``raw`` for close-delimited HTTP/1.0 bodies. ``raw`` is a view into
+    ``chunked``, not a second copy of the bytes: hubs keep thousands of frames as
+    history. (A frame joining several, which is never kept, carries its own ``raw``.)"""
 
-    raw: bytes
-    chunked: bytes
+    __slots__ = ("_raw", "chunked", "size")
+
+    def __init__(self, chunked: bytes, size: int, raw: bytes | None = None) -> None:
+        self.chunked = chunked
+        self.size = size  # payload bytes (what ``raw`` holds)
+        self._raw = raw
 
     @classmethod
     def of(cls, payload: bytes) -> Frame:
-        return cls(payload, frame(payload))
+        return cls(frame(payload), len(payload))
+
+    @classmethod
+    def joined(cls, frames: list[Frame]) -> Frame:
+        """Several frames as one write (each keeps its own chunk)."""
+        raw = b"".join(f.raw for f in frames)
+        return cls(b"".join(f.chunked for f in frames), len(raw), raw)
+
+    @property
+    def raw(self) -> bytes | memoryview:
+        if self._raw is not None:
+            return self._raw
+        end = len(self.chunked) - 2  # the chunk's trailing CRLF
+        return memoryview(self.chunked)[end - self.size : end]
 
     def __len__(self) -> int:
-        return len(self.raw)
+        return self.size
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Frame) and bytes(self.raw) == bytes(other.raw)
+
+    __hash__ = None  # type: ignore[assignment]

@@ -21,7 +21,7 @@ from .hub.presence import RedisPresence
 from .hub.redis import RedisHub
 from .logs import configure_logging
 from .loops import loop_factory
-from .metrics import MULTIPROC_ENV, Metrics, disconnect_reason
+from .metrics import MULTIPROC_ENV, Metrics, disconnect_reason, stream_kind
 from .middleware import CORS, Guard, request_id
 from .ratelimit import ClientAddress, ConcurrencyLimiter, WindowLimiter
 from .routes import compat, mercure, ops, streams
@@ -38,16 +38,20 @@ def build(config: Config, environ: Mapping[str, str] | None = None) -> tuple[App
     """Wire the application for ``config`` (also used by tests and benchmarks)."""
     env = dict(os.environ if environ is None else environ)
     hub: MemoryHub
+    budget, window = config.history_bytes, config.resume_window_s
     if config.hub == "memory":
-        hub = MemoryHub(config.history, config.history_age_s)
+        hub = MemoryHub(
+            config.history, config.history_age_s, history_bytes=budget, resume_window_s=window
+        )
     else:
-        hub = RedisHub(config.hub, config.history, config.history_age_s)
-    generations = Generations(
-        hub,
-        resume_grace_s=config.resume_grace_s,
-        retry_ms=config.retry_ms,
-        keep_s=config.history_age_s,
-    )
+        hub = RedisHub(
+            config.hub,
+            config.history,
+            config.history_age_s,
+            history_bytes=budget,
+            resume_window_s=window,
+        )
+    generations = Generations(hub, resume_grace_s=config.resume_grace_s)
     ctx = Context(config, hub, generations, configured_providers(config, env))
     if isinstance(hub, RedisHub):
         generations.share(RedisPresence(lambda: hub.redis, config.resume_grace_s))
@@ -103,12 +107,12 @@ def observe_responses(server: Server, metrics: Metrics) -> None:
             if stream.close_reason == "slow_client":
                 metrics.slow_drops.inc()
 
-    def refresh() -> None:
-        metrics.open_connections.set(len(state.connections))
-        metrics.open_streams.labels("all").set(len(state.streams.streams))
+    def count_stream(stream: EventStream, delta: int) -> None:
+        metrics.open_streams.labels(stream_kind(stream.request.path)).inc(delta)
 
     state.on_response_done = response_done
-    state.streams.on_tick = refresh
+    state.on_connections = metrics.open_connections.inc
+    state.streams.on_count = count_stream
 
 
 def make_server(config: Config, environ: Mapping[str, str] | None = None) -> Server:
@@ -135,7 +139,20 @@ def make_server(config: Config, environ: Mapping[str, str] | None = None) -> Ser
 
     server = Server(config, app, on_startup=on_startup, on_shutdown=on_shutdown)
     observe_responses(server, ctx.metrics)
+    observe_history(server, ctx)
     return server
+
+
+def observe_history(server: Server, ctx: Context) -> None:
+    """History bytes change with every event: read at each scrape, and on the shared
+    tick too, so that other workers' figures (summed by the scraped one) stay fresh."""
+    metrics, hub = ctx.metrics, ctx.hub
+
+    def refresh() -> None:
+        metrics.history_bytes.set(hub.held_bytes)
+
+    metrics.before_scrape.append(refresh)
+    server.state.streams.on_tick = refresh
 
 
 def main(argv: Sequence[str] | None = None) -> int:

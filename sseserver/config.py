@@ -38,6 +38,19 @@ def parse_rate(text: str) -> Rate | None:
     return Rate(int(m.group(1)), amount * unit)
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "k": KiB, "kb": KiB, "kib": KiB, "m": MiB, "mb": MiB}
+_BYTE_UNITS |= {"mib": MiB, "g": 1024 * MiB, "gb": 1024 * MiB, "gib": 1024 * MiB}
+
+
+def parse_bytes(text: str) -> int:
+    """``"268435456"``, ``"256MiB"``, ``"256M"`` or ``"1 GiB"`` → bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = _BYTE_UNITS.get(m.group(2).lower()) if m else None
+    if m is None or unit is None:
+        raise ValueError(f"a size must look like '268435456' or '256MiB', got {text!r}")
+    return int(float(m.group(1)) * unit)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     host: str = "127.0.0.1"
@@ -65,6 +78,12 @@ class Config:
     resume_grace_s: float = 0.0
     history: int = 1000
     history_age_s: float = 3600.0
+    # 256 MiB for the history of all topics together: ~ a million 100-byte tokens; the
+    # oldest go first past it, so memory is flat whatever the traffic (SPEC §8).
+    history_bytes: int = 256 * MiB
+    # 5 minutes: far longer than EventSource's reconnect delay and a phone's network
+    # switch, short enough that ended generations do not pile up.
+    resume_window_s: float = 300 * SECONDS
     max_stream_s: float = 0.0  # 0 = no limit
     hub: str = "memory"
     jwt_secret: str | None = None
@@ -94,11 +113,20 @@ class Config:
             "write_buffer_bytes",
             "upstream_timeout_s",
             "workers",
+            "history_bytes",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("resume_grace_s", "shutdown_grace_s", "retry_ms", "history", "max_stream_s"):
+        for name in (
+            "resume_grace_s",
+            "shutdown_grace_s",
+            "retry_ms",
+            "history",
+            "max_stream_s",
+            "resume_window_s",
+            "history_age_s",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative")
         if not 0 < self.port < 65536 and self.port != 0:
@@ -132,6 +160,8 @@ def _converter(name: str, default: object) -> object:
         return _csv
     if name == "rate":
         return parse_rate
+    if name == "history_bytes":
+        return parse_bytes
     if isinstance(default, bool):
         return lambda s: s.lower() in ("1", "true", "yes", "on")
     if isinstance(default, int):

@@ -32,8 +32,11 @@ log = logging.getLogger("sseserver.generations")
 DONE = "[DONE]"
 
 
+TOPIC_PREFIX = "streams/"
+
+
 def topic_of(generation_id: str) -> str:
-    return f"streams/{generation_id}"
+    return TOPIC_PREFIX + generation_id
 
 
 def parse_event_id(event_id: str | None) -> tuple[str, int] | None:
@@ -60,8 +63,9 @@ class Generation:
     id: str
     provider: Provider
     model: str
-    request: GenerationRequest
+    request: GenerationRequest | None  # let go once the generation ends (a prompt is big)
     started_at: float  # time.monotonic() when the request arrived: TTFT counts from here
+    owner: str | None = None  # the JWT subject that started it (SPEC §9); None: auth off
     seq: int = -1
     viewers: set[EventStream] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
@@ -96,16 +100,15 @@ class Generations:
         hub: MemoryHub,
         *,
         resume_grace_s: float = 0.0,
-        retry_ms: int = 2000,
-        keep_s: float = 3600.0,
         observer: Observer | None = None,
     ) -> None:
         self.hub = hub
         self.resume_grace_s = resume_grace_s
-        self.retry_ms = retry_ms
-        self.keep_s = keep_s
         self._running: dict[str, Generation] = {}
-        self._ended: dict[str, tuple[float, Generation]] = {}
+        # Ended generations, for resume: each is forgotten when the hub forgets its topic
+        # (``--resume-window-s`` after the end), so the two never disagree.
+        self._ended: dict[str, Generation] = {}
+        hub.on_forget = self._forget
         self.observer = observer
         self.presence: RedisPresence | None = None  # readers on other instances (Redis)
         self._checks: set[asyncio.Task[None]] = set()
@@ -124,8 +127,15 @@ class Generations:
         gen = self._running.get(generation_id)
         if gen is not None:
             return gen
-        ended = self._ended.get(generation_id)
-        return ended[1] if ended else None
+        return self._ended.get(generation_id)
+
+    def _forget(self, topic: str) -> None:
+        if topic.startswith(TOPIC_PREFIX):
+            self._ended.pop(topic[len(TOPIC_PREFIX) :], None)
+
+    @property
+    def ended(self) -> int:
+        return len(self._ended)
 
     @property
     def running(self) -> int:
@@ -140,6 +150,7 @@ class Generations:
         origin: EventStream,
         *,
         started_at: float,
+        owner: str | None = None,
     ) -> Generation:
         """Begin a generation whose first viewer is ``origin`` (already started)."""
         gen = Generation(
@@ -148,12 +159,16 @@ class Generations:
             model=request.model or provider.default_model,
             request=request,
             started_at=started_at,
+            owner=owner,
         )
         self._running[gen.id] = gen
         origin.log["generation"] = gen.id
         self._attach(gen, origin, throttle=True)
         self._publish(
-            gen, _json({"id": gen.id, "provider": provider.name, "model": gen.model}), event="start"
+            gen,
+            _json({"id": gen.id, "provider": provider.name, "model": gen.model}),
+            event="start",
+            owner=owner,
         )
         gen.task = asyncio.get_running_loop().create_task(self._produce(gen))
         return gen
@@ -167,9 +182,13 @@ class Generations:
         last_id = None if after_seq is None else f"{gen.id}:{after_seq}"
         sub = Subscription(stream, gen.topics)
         if after_seq is None:
-            for update in self.hub.held(gen.topic):
+            held = self.hub.held(gen.topic)
+            # From its start or not at all: a replay missing its first events is a gap.
+            found = bool(held) and held[0].id == f"{gen.id}:0"
+            if not found:
+                return False
+            for update in held:
                 stream.write_frame(update.frame)
-            found = True
         else:
             updates, found = self.hub.replay(sub, last_id)
             for update in updates:
@@ -240,11 +259,17 @@ class Generations:
     # -- producing ---------------------------------------------------------------------
 
     def _publish(
-        self, gen: Generation, data: str, *, event: str | None = None, final: bool = False
+        self,
+        gen: Generation,
+        data: str,
+        *,
+        event: str | None = None,
+        final: bool = False,
+        owner: str | None = None,
     ) -> None:
         gen.seq += 1
         update = self.hub.make_update(
-            gen.topics, data, id=f"{gen.id}:{gen.seq}", event=event, final=final
+            gen.topics, data, id=f"{gen.id}:{gen.seq}", event=event, final=final, owner=owner
         )
         self.hub.dispatch(update)
 
@@ -259,6 +284,7 @@ class Generations:
     async def _produce(self, gen: Generation) -> None:
         first_at: float | None = None
         error: dict[str, Any] | None = None
+        assert gen.request is not None
         try:
             async with aclosing(gen.provider.stream(gen.request)) as deltas:  # type: ignore[type-var]
                 async for delta in deltas:
@@ -326,19 +352,11 @@ class Generations:
         for stream in gen.viewers:
             stream.log.setdefault("ttft_ms", ttft)
             stream.log.setdefault("tokens", gen.tokens)
-        self._publish(gen, DONE, final=True)  # the hub ends every viewer's body after it
         self._running.pop(gen.id, None)
-        self._ended[gen.id] = (now, gen)
-        self._expire(now)
+        self._ended[gen.id] = gen
+        gen.request = None  # what a resume needs is its id, seq and owner
+        self._publish(gen, DONE, final=True)  # the hub ends every viewer's body after it
         self._notify(gen, "end")
-
-    def _expire(self, now: float) -> None:
-        ended = self._ended
-        while ended:
-            key, (at, _gen) = next(iter(ended.items()))
-            if now - at < self.keep_s:
-                break
-            del ended[key]
 
     def _notify(self, gen: Generation, what: str) -> None:
         if self.observer is not None:

@@ -42,8 +42,16 @@ class Metrics:
             "sseserver_open_connections", "Open TCP connections", registry=r, **live
         )
         self.open_streams = Gauge(
-            "sseserver_open_streams", "Open event streams", ["kind"], registry=r, **live
+            "sseserver_open_streams", "Open event streams, by kind", ["kind"], registry=r, **live
         )
+        self.history_bytes = Gauge(
+            "sseserver_history_bytes",
+            "Bytes the hub's history holds (all topics; bounded by --history-bytes)",
+            registry=r,
+            **live,
+        )
+        # Set before each scrape, for values that change per event (history bytes).
+        self.before_scrape: list[Callable[[], None]] = []
         self.requests = Counter("sseserver_requests", "Requests answered", ["status"], registry=r)
         self.ttft = Histogram(
             "sseserver_ttft_seconds",
@@ -92,6 +100,8 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text; summed over workers in multi-process mode."""
+        for refresh in self.before_scrape:
+            refresh()
         if os.environ.get(MULTIPROC_ENV):
             registry = CollectorRegistry()
             # Typed here: prometheus_client leaves MultiProcessCollector.__init__ unannotated.
@@ -101,6 +111,22 @@ class Metrics:
             collect_into(registry)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+STREAM_KINDS = (
+    ("/v1/streams/", "viewer"),
+    ("/v1/stream", "generation"),
+    ("/v1/chat", "compat"),
+    ("/.well-known/mercure", "subscription"),
+)
+
+
+def stream_kind(path: str) -> str:
+    """A stream's kind for the open-streams gauge, from its endpoint."""
+    for prefix, kind in STREAM_KINDS:
+        if path.startswith(prefix):
+            return kind
+    return "other"
 
 
 def disconnect_reason(close_reason: str) -> str:

@@ -110,8 +110,10 @@ class ServerState:
         self.handlers: set[asyncio.Task[None]] = set()
         self.shutting_down = False
         self.total_connections = 0
-        # Observers for metrics, called once per response (never per event).
+        # Observers for metrics, called once per response (never per event), and with
+        # +1 / -1 as connections open and close (so a gauge is true at any moment).
         self.on_response_done: Callable[[EventStream], None] | None = None
+        self.on_connections: Callable[[int], None] | None = None
 
 
 class HTTPProtocol(asyncio.Protocol):
@@ -173,12 +175,18 @@ class HTTPProtocol(asyncio.Protocol):
             self.transport = None
             return
         state.connections.add(self)
+        if state.on_connections is not None:
+            state.on_connections(1)
         limit = state.config.write_buffer_bytes
         tcp.set_write_buffer_limits(high=limit, low=limit // 4)
         self._start_timer(state.config.header_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.state.connections.discard(self)
+        state = self.state
+        if self in state.connections:
+            state.connections.remove(self)
+            if state.on_connections is not None:
+                state.on_connections(-1)
         self.transport = None
         self._cancel_timer()
         self.flow.release(ClientGone("client disconnected"))

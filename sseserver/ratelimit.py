@@ -137,7 +137,11 @@ class ConcurrencyLimiter:
     own, so a Redis outage never refuses streams it cannot count."""
 
     def __init__(
-        self, limit: int, redis: Any = None, *, lease_s: float = LEASE_S,
+        self,
+        limit: int,
+        redis: Any = None,
+        *,
+        lease_s: float = LEASE_S,
         prefix: str = "sseserver:streams:",
     ) -> None:
         self.limit = limit

@@ -46,8 +46,11 @@ def encode_event(
         ValueError: ``id``/``event`` holds a line break, ``id`` holds NUL, ``retry`` is
             negative, or nothing at all would be written.
     """
-    if comment is None and retry is None and data is not None and (
-        "\n" not in data and "\r" not in data
+    if (
+        comment is None
+        and retry is None
+        and data is not None
+        and ("\n" not in data and "\r" not in data)
     ):
         # The hot path (every token of every stream): one data line, no list to join.
         head = ""

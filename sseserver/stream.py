@@ -34,12 +34,16 @@ PING = Frame.of(encode_comment("ping"))
 TOKEN_EXPIRED = encode_event(
     '{"code":"token_expired","message":"access token expired","retryable":true}', event="error"
 )
+
+
 @lru_cache(maxsize=64)
 def preamble(retry_ms: int | None) -> bytes:
     """A stream's first bytes: ``retry: <ms>``, then a comment (SPEC §4) that makes
     proxies flush the head at once. Encoded once per value."""
     opening = encode_comment("stream open")
     return encode_retry(retry_ms)[:-1] + opening if retry_ms else opening
+
+
 SLOW_GOODBYE = Frame.of(encode_comment("slow consumer: disconnecting, resume with Last-Event-ID"))
 
 STREAM_HEADERS: HeaderList = [
@@ -273,7 +277,7 @@ class EventStream:
         if transport is None:
             return False
         transport.write(f.chunked if self._chunked else f.raw)
-        self.bytes_sent += len(f.raw)
+        self.bytes_sent += f.size
         self.idle_ticks = 0
         return True
 
@@ -368,12 +372,19 @@ class StreamRegistry:
         self.pings_sent = 0
         self.ticks = 0
         self.on_tick: Callable[[], None] | None = None
+        # Told of each stream opening (+1) and ending (-1): gauges true at any moment.
+        self.on_count: Callable[[EventStream, int], None] | None = None
 
     def add(self, stream: EventStream) -> None:
         self.streams.add(stream)
+        if self.on_count is not None:
+            self.on_count(stream, 1)
 
     def discard(self, stream: EventStream) -> None:
-        self.streams.discard(stream)
+        if stream in self.streams:
+            self.streams.remove(stream)
+            if self.on_count is not None:
+                self.on_count(stream, -1)
 
     def deadline(self) -> float:
         """When a stream opened now must end: ``max_stream_s`` less up to 10 %, at random,

@@ -23,9 +23,9 @@ EARLIEST = "earliest"  # Mercure's reserved Last-Event-ID: replay everything hel
 
 @dataclass(slots=True, eq=False)
 class Update:
-    """One published event. ``seq`` orders updates within one hub (or Redis stream).
-    Treat as immutable (not frozen: a frozen init costs a setattr call per field, paid
-    for every token)."""
+    """One published event, held once: its frame is the only copy of its bytes.
+    ``seq`` orders updates within one hub. Treat as immutable but for ``held`` (not
+    frozen: a frozen init costs a setattr call per field, paid for every token)."""
 
     topics: tuple[str, ...]
     id: str
@@ -34,9 +34,8 @@ class Update:
     seq: int
     at: float  # monotonic time of publication, for the history age limit
     final: bool = False  # the topic ends with this update (a generation's [DONE])
-    data: str | None = None  # kept for backends that forward updates (Redis)
-    event: str | None = None
-    retry: int | None = None
+    owner: str | None = None  # who started the generation this update opens (SPEC §9)
+    held: bool = False  # in the hub's history now (set and cleared by the hub)
 
     @property
     def topic(self) -> str:
@@ -107,10 +106,6 @@ class Subscription:
         return sel is not None and any_match(sel, update.topics)
 
 
-class ReplayGap(Exception):
-    """The requested Last-Event-ID is no longer (or was never) held."""
-
-
 class Hub(Protocol):
     """The interface the application uses; memory and Redis backends implement it."""
 
@@ -165,4 +160,3 @@ async def stop_tasks(tasks: Collection[asyncio.Task[None]], within_s: float) -> 
         if not task.cancelled():
             task.exception()  # retrieved: a failure at exit is not worth a warning
     return len(stuck)
-

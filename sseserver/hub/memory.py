@@ -1,44 +1,94 @@
-"""The in-memory hub: per-topic bounded history and synchronous fan-out.
+"""The in-memory hub: bounded history and synchronous fan-out.
 
 Everything here runs without an ``await`` between reading history and attaching a
 subscriber, so a subscriber never misses nor doubles an update published meanwhile.
+
+Memory (SPEC §8): history is bounded per topic (``history`` updates, ``history_age_s``)
+and for all topics together (``history_bytes``, counted from what each update really
+holds: its frame, its id and the objects around them); past the budget the oldest
+updates go first, whatever their topic. A closed topic (an ended generation) is
+forgotten whole ``resume_window_s`` after it closed. One timer sweeps both, so a server
+that stops getting traffic gives its memory back too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
 
 from ..chunked import Frame
 from .base import EARLIEST, Subscription, Update, build_frame
 
-EXPIRE_EVERY = 63  # look for aged history once per 64 updates (a bit mask)
+SWEEP_EVERY = 63  # also sweep once per 64 updates (a bit mask), between timer ticks
+SWEEP_S = 1.0  # the timer's period: ended topics and aged history go within a second
+MiB = 1024 * 1024
+# What one held update costs beyond its frame's and id's bytes: the Update, the Frame,
+# the empty bytes and str headers, and a slot in each index (by id, per topic, by age).
+_SAMPLE = Update(("t",), "", Frame(b"", 0), False, 0, 0.0)
+UPDATE_OVERHEAD = (
+    sys.getsizeof(_SAMPLE)
+    + sys.getsizeof(_SAMPLE.frame)
+    + sys.getsizeof(b"")
+    + sys.getsizeof("")
+    + 3 * 8  # the by-id table's entry: hash, key, value (and its spare room, below)
+    + 3 * 8  # a pointer in the topic's list, in the age deque, table slack
+)
+# And one topic: its name, its list, its table entry.
+TOPIC_OVERHEAD = sys.getsizeof([]) + sys.getsizeof("") + 3 * 8
+# A deque keeps entries of updates dropped for other reasons until they reach its front;
+# past this many (and half of it) it is rebuilt, so they never hold memory for long.
+COMPACT_AFTER = 1024
+
+
+def update_cost(update: Update) -> int:
+    return UPDATE_OVERHEAD + len(update.frame.chunked) + len(update.id)
 
 
 class MemoryHub:
-    """Topics live while they have history younger than ``history_age_s`` or subscribers."""
+    """Topics live while they have history (or subscribers, who need none)."""
 
-    def __init__(self, history: int = 1000, history_age_s: float = 3600.0) -> None:
+    def __init__(
+        self,
+        history: int = 1000,
+        history_age_s: float = 3600.0,
+        *,
+        history_bytes: int = 256 * MiB,
+        resume_window_s: float = 300.0,
+    ) -> None:
         self.history = history
         self.history_age_s = history_age_s
+        self.history_bytes = history_bytes
+        self.resume_window_s = resume_window_s
         # Per topic, oldest first. A list, not a deque: most topics (generations) hold a few
         # updates, and an empty deque alone costs a 64-slot block (~600 bytes).
-        self._topics: OrderedDict[str, list[Update]] = OrderedDict()
+        self._topics: dict[str, list[Update]] = {}
+        self._by_age: deque[Update] = deque()  # every held update, oldest first
+        self._stale = 0  # entries of _by_age no longer held (dropped by count or topic)
         self._by_id: dict[str, Update] = {}
+        self._owners: dict[str, str] = {}  # generation topic -> its owner's subject
         self._exact: dict[str, set[Subscription]] = {}
         self._wild: set[Subscription] = set()
-        self._closed: dict[str, float] = {}  # topic -> when it was closed (generations)
+        self._closed: dict[str, float] = {}  # topic -> when it was closed, in that order
         self._seq = 0
         self._pending: list[Update] = []  # published, not yet written (dispatch_soon)
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.held_bytes = 0  # what history holds now, by ``update_cost``
+        self.evicted = 0  # updates dropped to stay within ``history_bytes``
         self.deliveries = 0
+        # Called with each closed topic forgotten after the resume window.
+        self.on_forget: Callable[[str], None] | None = None
 
     async def start(self) -> None:
-        return None
+        self._schedule_sweep()
 
     async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         self.close_all()
 
     @property
@@ -57,6 +107,7 @@ class MemoryHub:
         retry: int | None = None,
         private: bool = False,
         final: bool = False,
+        owner: str | None = None,
     ) -> Update:
         """Encode and frame once. Raises ValueError for an invalid id, event or topic."""
         if not topics or not all(topics):
@@ -67,10 +118,21 @@ class MemoryHub:
         if event_id in self._by_id:
             raise ValueError(f"duplicate event id {event_id!r}")
         frame = build_frame(data, id=event_id, event=event, retry=retry)
+        return self.update_of(topics, event_id, frame, private=private, final=final, owner=owner)
+
+    def update_of(
+        self,
+        topics: tuple[str, ...],
+        event_id: str,
+        frame: Frame,
+        *,
+        private: bool = False,
+        final: bool = False,
+        owner: str | None = None,
+    ) -> Update:
+        """An update around an already encoded frame (one forwarded by another instance)."""
         self._seq += 1
-        return Update(
-            topics, event_id, frame, private, self._seq, time.monotonic(), final, data, event, retry
-        )
+        return Update(topics, event_id, frame, private, self._seq, time.monotonic(), final, owner)
 
     async def publish(
         self,
@@ -129,10 +191,7 @@ class MemoryHub:
         if len(run) == 1:
             self._deliver(run[0], run[0].frame, 1)
             return
-        joined = Frame(
-            b"".join(u.frame.raw for u in run), b"".join(u.frame.chunked for u in run)
-        )
-        self._deliver(run[-1], joined, len(run))
+        self._deliver(run[-1], Frame.joined([u.frame for u in run]), len(run))
 
     def _deliver(self, update: Update, frame: Frame, count: int) -> None:
         for target in self._targets(update):
@@ -157,51 +216,107 @@ class MemoryHub:
             return [s for s in seen if s.may_see_private(update)]
         return tuple(seen)
 
+    # -- history and its bounds ----------------------------------------------------------
+
     def _remember(self, update: Update) -> None:
+        if update.owner is not None:
+            self._owners[update.topic] = update.owner
         if self.history <= 0:
             return
-        topics = self._topics
-        by_id = self._by_id
         key = update.topics[0]
-        held = topics.get(key)
+        held = self._topics.get(key)
         if held is None:
-            held = topics[key] = []
-        else:
-            topics.move_to_end(key)
-        if len(held) >= self.history:
-            by_id.pop(held.pop(0).id, None)  # a memmove of ``history`` pointers
+            held = self._topics[key] = []
+            self.held_bytes += TOPIC_OVERHEAD + len(key)
+        elif len(held) >= self.history:
+            self._let_go(held.pop(0))  # a memmove of ``history`` pointers
+            self._stale += 1
         held.append(update)
-        by_id[update.id] = update
-        if not update.seq & EXPIRE_EVERY:  # amortised: the age limit is not that exact
-            self._expire(update.at)
+        update.held = True
+        self._by_id[update.id] = update
+        self._by_age.append(update)
+        self.held_bytes += update_cost(update)
+        while self.held_bytes > self.history_bytes and self._by_age:
+            self._drop_oldest()
+            self.evicted += 1
+        if not update.seq & SWEEP_EVERY:
+            self.sweep(update.at)
+        elif self._stale > COMPACT_AFTER and self._stale * 2 > len(self._by_age):
+            self._compact()
 
-    def _expire(self, now: float) -> None:
-        """Drop history older than the age limit, oldest topics first (amortised O(1))."""
-        horizon = now - self.history_age_s
-        topics = self._topics
-        while topics:
-            key, held = next(iter(topics.items()))
-            self._trim(held, horizon)
-            if held:
-                break
-            del topics[key]
-        closed = self._closed  # in closing order, so the old ones are at the front
+    def _let_go(self, update: Update) -> None:
+        """Account for ``update`` leaving history (its topic's list already let it go)."""
+        update.held = False
+        self.held_bytes -= update_cost(update)
+        if self._by_id.get(update.id) is update:
+            del self._by_id[update.id]
+
+    def _drop_oldest(self) -> None:
+        update = self._by_age.popleft()
+        if not update.held:
+            self._stale -= 1
+            return
+        key = update.topics[0]
+        held = self._topics[key]
+        if held[0] is update:  # always, as every older update of its topic went first
+            del held[0]
+        else:
+            held.remove(update)
+        self._let_go(update)
+        if not held:
+            self._forget_topic_entry(key)
+
+    def _forget_topic_entry(self, key: str) -> None:
+        del self._topics[key]
+        self.held_bytes -= TOPIC_OVERHEAD + len(key)
+        self._owners.pop(key, None)
+
+    def _drop_topic(self, key: str) -> None:
+        """Forget all of one topic's history at once (an ended generation)."""
+        held = self._topics.get(key)
+        if held is None:
+            self._owners.pop(key, None)
+            return
+        for update in held:
+            self._let_go(update)
+        self._stale += len(held)
+        self._forget_topic_entry(key)
+        if self._stale > COMPACT_AFTER and self._stale * 2 > len(self._by_age):
+            self._compact()
+
+    def _compact(self) -> None:
+        self._by_age = deque(u for u in self._by_age if u.held)
+        self._stale = 0
+
+    def sweep(self, now: float | None = None) -> None:
+        """Forget ended topics past the resume window, then history past the age limit."""
+        if now is None:
+            now = time.monotonic()
+        closed = self._closed
+        horizon = now - self.resume_window_s
         while closed:
             topic, at = next(iter(closed.items()))
-            if at >= horizon:
+            if at > horizon:
                 break
             del closed[topic]
+            self._drop_topic(topic)
+            if self.on_forget is not None:
+                self.on_forget(topic)
+        self._expire(now)
 
-    def _trim(self, held: list[Update], horizon: float) -> None:
-        """Drop one topic's updates older than the age limit (any topic, not just the
-        one least recently published to, which is all ``_expire`` looks at)."""
-        if not held or held[0].at >= horizon:
-            return
-        cut = 0
-        while cut < len(held) and held[cut].at < horizon:
-            self._by_id.pop(held[cut].id, None)
-            cut += 1
-        del held[:cut]
+    def _expire(self, now: float) -> None:
+        horizon = now - self.history_age_s
+        by_age = self._by_age
+        while by_age and by_age[0].at < horizon:
+            self._drop_oldest()
+
+    def _schedule_sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(SWEEP_S, self._sweep_tick)
+
+    def _sweep_tick(self) -> None:
+        self.sweep()
+        self._schedule_sweep()
 
     # -- subscribing -------------------------------------------------------------------
 
@@ -212,15 +327,11 @@ class MemoryHub:
             return [], True
         if self._pending:
             self.flush()
-        now = time.monotonic()
-        self._expire(now)
-        horizon = now - self.history_age_s
+        self._expire(time.monotonic())
         if sub.exact:
             held_lists = [self._topics[t] for t in sub.selectors if t in self._topics]
         else:
             held_lists = list(self._topics.values())
-        for held in held_lists:
-            self._trim(held, horizon)
         if last_event_id == EARLIEST:
             after = 0
         else:
@@ -281,10 +392,12 @@ class MemoryHub:
         return self.get(event_id) is not None
 
     def get(self, event_id: str) -> Update | None:
-        update = self._by_id.get(event_id)
-        if update is not None and update.at < time.monotonic() - self.history_age_s:
-            return None  # aged out, not yet swept (sweeps are amortised)
-        return update
+        self._expire(time.monotonic())
+        return self._by_id.get(event_id)
+
+    def owner(self, topic: str) -> str | None:
+        """The subject that started the generation of ``topic``, while it is held."""
+        return self._owners.get(topic)
 
     def last_id(self, topic: str | None = None) -> str | None:
         if topic is None:
@@ -298,11 +411,8 @@ class MemoryHub:
         return list(self._young(topic))
 
     def _young(self, topic: str) -> list[Update]:
-        held = self._topics.get(topic)
-        if held is None:
-            return []
-        self._trim(held, time.monotonic() - self.history_age_s)
-        return held
+        self._expire(time.monotonic())
+        return self._topics.get(topic) or []
 
     def is_closed(self, topic: str) -> bool:
         if self._pending:

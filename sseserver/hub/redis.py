@@ -23,8 +23,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
+from ..chunked import Frame
 from .base import Update, stop_tasks
-from .memory import MemoryHub
+from .memory import MemoryHub, MiB
 
 log = logging.getLogger("sseserver.hub")
 
@@ -48,10 +49,14 @@ class RedisHub(MemoryHub):
         history: int = 1000,
         history_age_s: float = 3600.0,
         *,
+        history_bytes: int = 256 * MiB,
+        resume_window_s: float = 300.0,
         stream_key: str = STREAM_KEY,
         max_len: int | None = None,
     ) -> None:
-        super().__init__(history, history_age_s)
+        super().__init__(
+            history, history_age_s, history_bytes=history_bytes, resume_window_s=resume_window_s
+        )
         self.url = url
         self._redis: aioredis.Redis | None = aioredis.from_url(
             url, socket_connect_timeout=2, socket_keepalive=True, health_check_interval=10
@@ -116,37 +121,41 @@ class RedisHub(MemoryHub):
     # -- encoding ----------------------------------------------------------------------
 
     def _fields(self, update: Update) -> dict[FieldT, EncodableT]:
+        """An entry carries the event as encoded once (its SSE bytes), so instances
+        that read it neither encode it again nor keep another copy of its text."""
         fields: dict[FieldT, EncodableT] = {
             "origin": self.instance,
             "id": update.id,
             "topics": json.dumps(update.topics),
+            "sse": bytes(update.frame.raw),
         }
-        if update.data is not None:
-            fields["data"] = update.data
-        if update.event is not None:
-            fields["event"] = update.event
-        if update.retry is not None:
-            fields["retry"] = str(update.retry)
         if update.private:
             fields["private"] = "1"
         if update.final:
             fields["final"] = "1"
+        if update.owner is not None:
+            fields["owner"] = update.owner
         return fields
 
     def _decode(self, raw: dict[bytes, bytes]) -> Update | None:
-        f = {k.decode(): v.decode("utf-8", "replace") for k, v in raw.items()}
         try:
-            topics = tuple(json.loads(f["topics"]))
-            return self.make_update(
+            event_id = raw[b"id"].decode()
+            topics = tuple(json.loads(raw[b"topics"]))
+            sse = raw[b"sse"]
+            if not topics or not all(isinstance(t, str) and t for t in topics):
+                raise ValueError("bad topics")
+            if event_id in self._by_id:
+                return None  # already here (read twice across a reconnect)
+            owner = raw.get(b"owner")
+            return self.update_of(
                 topics,
-                f.get("data"),
-                id=f["id"],
-                event=f.get("event"),
-                retry=int(f["retry"]) if "retry" in f else None,
-                private=f.get("private") == "1",
-                final=f.get("final") == "1",
+                event_id,
+                Frame.of(sse),
+                private=raw.get(b"private") == b"1",
+                final=raw.get(b"final") == b"1",
+                owner=owner.decode() if owner is not None else None,
             )
-        except (KeyError, ValueError, TypeError) as exc:
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
             log.debug("redis hub: skipping entry: %s", exc)
             return None
 

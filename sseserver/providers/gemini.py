@@ -118,9 +118,7 @@ class GeminiProvider:
         self.default_model = default_model
         self.models: tuple[str, ...] = tuple(dict.fromkeys((default_model, *GEMINI_MODELS)))
         self.timeout_s = timeout_s
-        self._http = upstream_pool(
-            timeout_s, transport, event_hooks={"response": [_on_response]}
-        )
+        self._http = upstream_pool(timeout_s, transport, event_hooks={"response": [_on_response]})
         # Never used for requests; given so the SDK does not build a pool of its own.
         self._sync_http = httpx.Client(timeout=httpx.Timeout(timeout_s))
         key = (

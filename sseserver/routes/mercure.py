@@ -101,9 +101,7 @@ def register(app: Application, ctx: Context) -> None:
                 text, keep_blank_values=True, strict_parsing=False, max_num_fields=MAX_FIELDS
             )
         except ValueError:
-            raise HTTPError(
-                400, "bad_request", f"form has more than {MAX_FIELDS} fields"
-            ) from None
+            raise HTTPError(400, "bad_request", f"form has more than {MAX_FIELDS} fields") from None
         topics = _check_topics(form.get("topic", []))
         claims = request.claims
         if claims is not None:

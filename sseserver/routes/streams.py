@@ -10,10 +10,11 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from ..app import Application
+from ..auth import Claims
 from ..context import Context
 from ..errors import HTTPError
-from ..generations import Generation, parse_event_id, topic_of
-from ..hub.base import EARLIEST, Subscription
+from ..generations import DONE, Generation, parse_event_id, topic_of
+from ..hub.base import EARLIEST, Subscription, any_match
 from ..providers.base import BadRequest, GenerationRequest, Message, Provider
 from ..stream import EventStream, Request
 
@@ -34,6 +35,24 @@ def last_event_id(request: Request) -> str | None:
         or request.query_param("last_event_id")
         or None
     )
+
+
+def may_follow(claims: Claims | None, generation_id: str, owner: str | None) -> bool:
+    """Whether the caller may watch, resume or cancel a generation (SPEC §9): anyone while
+    auth is off; with JWT on, the subject that started it, or a token whose subscribe
+    claim covers its topic (answers shared on purpose). Everyone else is told nothing: the
+    generation is unknown to them, exactly as an id that never existed."""
+    if claims is None:
+        return True
+    if owner is not None and claims.subject == owner:
+        return True
+    allowed = claims.subscribe
+    return allowed is not None and any_match(allowed, (topic_of(generation_id),))
+
+
+def owner_of(request: Request) -> str | None:
+    claims = request.claims
+    return claims.subject if claims is not None else None
 
 
 def _number(name: str, value: Any, low: float, high: float) -> float | None:
@@ -124,6 +143,19 @@ def json_body(request: Request) -> dict[str, Any]:
     return body
 
 
+MISSED_EVENTS = (
+    '{"code":"missed_events","message":"events after this id are no longer held","retryable":false}'
+)
+
+
+def missed(stream: EventStream) -> None:
+    """A resume whose events were dropped (SPEC §8): say so, then end like any stream
+    (``[DONE]``), so a client stops instead of reconnecting into the same gap."""
+    stream.send(MISSED_EVENTS, event="error")
+    stream.send(DONE)
+    stream.finish("missed_events")
+
+
 def register(app: Application, ctx: Context) -> None:
     generations = ctx.generations
     retry_ms = ctx.config.retry_ms
@@ -133,7 +165,9 @@ def register(app: Application, ctx: Context) -> None:
     ) -> None:
         if not stream.start(retry_ms=retry_ms):
             return
-        generations.start(provider, gen_request, stream, started_at=request.received_at)
+        generations.start(
+            provider, gen_request, stream, started_at=request.received_at, owner=owner_of(request)
+        )
 
     async def resume(
         gen: Generation, after_seq: int, stream: EventStream, *, throttle: bool
@@ -146,16 +180,14 @@ def register(app: Application, ctx: Context) -> None:
             return
         stream.log["resumed_from"] = after_seq
         if not await generations.join(gen, stream, after_seq, throttle=throttle):
-            stream.send(
-                '{"code":"missed_events","message":"events after this id are no '
-                'longer held","retryable":false}',
-                event="error",
-            )
-            stream.finish("missed_events")
+            missed(stream)
 
-    async def resume_elsewhere(gen_id: str, after_seq: int, stream: EventStream) -> bool:
+    async def resume_elsewhere(
+        gen_id: str, after_seq: int, stream: EventStream, claims: Claims | None
+    ) -> bool:
         """Resume a generation produced by another instance (Redis hub): its events are
-        in this instance's mirror of the history. False when they are not."""
+        in this instance's mirror of the history. False when they are not (or are not
+        the caller's to see)."""
         hub = ctx.hub
         topic = topic_of(gen_id)
         last = f"{gen_id}:{after_seq}" if after_seq >= 0 else EARLIEST
@@ -163,6 +195,8 @@ def register(app: Application, ctx: Context) -> None:
             if not hub.held(topic):
                 return False
         elif not await hub.knows(last, REMOTE_CATCH_UP_S):
+            return False
+        if not may_follow(claims, gen_id, hub.owner(topic)):
             return False
         if hub.is_closed(topic) and hub.last_id(topic) == last:
             stream.respond(204, content_type=None)
@@ -182,13 +216,16 @@ def register(app: Application, ctx: Context) -> None:
         return True
 
     async def try_resume(request: Request, stream: EventStream, *, throttle: bool) -> bool:
-        """Resume after the client's Last-Event-ID when it names a known generation."""
+        """Resume after the client's Last-Event-ID when it names a generation known here
+        (and the caller's to follow); False otherwise, as for no Last-Event-ID at all."""
         parsed = parse_event_id(last_event_id(request))
         if parsed is None:
             return False
         gen = generations.get(parsed[0])
         if gen is None:
-            return await resume_elsewhere(parsed[0], parsed[1], stream)
+            return await resume_elsewhere(parsed[0], parsed[1], stream, request.claims)
+        if not may_follow(request.claims, gen.id, gen.owner):
+            return False
         await resume(gen, parsed[1], stream, throttle=throttle)
         return True
 
@@ -229,18 +266,25 @@ def register(app: Application, ctx: Context) -> None:
                 return
         gen = generations.get(gen_id)
         if gen is None:
-            if await resume_elsewhere(gen_id, -1, stream):
+            if await resume_elsewhere(gen_id, -1, stream, request.claims):
                 return
+            raise HTTPError(404, "not_found", "no such generation")
+        if not may_follow(request.claims, gen.id, gen.owner):
             raise HTTPError(404, "not_found", "no such generation")
         if not stream.start(retry_ms=retry_ms):
             return
-        await generations.join(gen, stream, None, throttle=False)
+        if not await generations.join(gen, stream, None, throttle=False):
+            missed(stream)
 
-    async def cancel_elsewhere(gen_id: str, stream: EventStream) -> None:
+    async def cancel_elsewhere(gen_id: str, stream: EventStream, claims: Claims | None) -> None:
         """A generation another instance runs (its events are in the hub's mirror)."""
         topic = topic_of(gen_id)
         presence = generations.presence
-        if presence is None or not ctx.hub.held(topic):
+        if (
+            presence is None
+            or not ctx.hub.held(topic)
+            or not may_follow(claims, gen_id, ctx.hub.owner(topic))
+        ):
             raise HTTPError(404, "not_found", "no such generation")
         if ctx.hub.is_closed(topic):
             stream.respond_json(200, {"id": gen_id, "cancelled": False})
@@ -256,7 +300,9 @@ def register(app: Application, ctx: Context) -> None:
         gen_id = request.params["id"]
         gen = generations.get(gen_id)
         if gen is None:
-            await cancel_elsewhere(gen_id, stream)
+            await cancel_elsewhere(gen_id, stream, request.claims)
             return
+        if not may_follow(request.claims, gen.id, gen.owner):
+            raise HTTPError(404, "not_found", "no such generation")
         cancelled = generations.cancel(gen, "cancelled")
         stream.respond_json(200, {"id": gen.id, "cancelled": cancelled})

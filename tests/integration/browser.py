@@ -120,8 +120,9 @@ def stream_connections(server: Server, path: str = "/v1/stream") -> list[HTTPPro
     ]
 
 
-async def eventually(predicate: Callable[[], bool], within_s: float = 5.0,
-                     what: str = "condition") -> None:
+async def eventually(
+    predicate: Callable[[], bool], within_s: float = 5.0, what: str = "condition"
+) -> None:
     """Poll ``predicate`` (on the server's loop) until it holds, or fail."""
     deadline = time.monotonic() + within_s
     while not predicate():

@@ -72,12 +72,18 @@ class RedisServer:
         )
         return [
             self.binary,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.folder),
-            "--daemonize", "no",
-            "--protected-mode", "yes",
-            "--databases", "1",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.folder),
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--databases",
+            "1",
             *persistence,
         ]
 
@@ -94,8 +100,9 @@ class RedisServer:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: "
-                                   f"{self.log()[-2000:]}")
+                raise RuntimeError(
+                    f"redis-server exited with {self.proc.returncode}: {self.log()[-2000:]}"
+                )
             if ping(self.port):
                 return
             time.sleep(0.02)
@@ -126,8 +133,9 @@ class RedisServer:
 
 
 @contextmanager
-def redis_running(folder: Path, *, appendonly: bool = False,
-                  port: int | None = None) -> Iterator[RedisServer]:
+def redis_running(
+    folder: Path, *, appendonly: bool = False, port: int | None = None
+) -> Iterator[RedisServer]:
     """A redis-server in ``folder`` (skips outside CI, fails in CI, when not installed)."""
     binary = require_binary("redis-server")
     folder.mkdir(parents=True, exist_ok=True)
@@ -159,8 +167,9 @@ class ServerProcess:
 
 
 @contextmanager
-def sseserver_running(folder: Path, *args: str, port: int | None = None,
-                      name: str = "sseserver") -> Iterator[ServerProcess]:
+def sseserver_running(
+    folder: Path, *args: str, port: int | None = None, name: str = "sseserver"
+) -> Iterator[ServerProcess]:
     """``python -m sseserver --port PORT *args`` with output to ``folder/name-PORT.log``;
     stopped by PID (SIGTERM, then SIGKILL after 15 s)."""
     port = port or free_port()
@@ -171,7 +180,10 @@ def sseserver_running(folder: Path, *args: str, port: int | None = None,
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sseserver", "--port", str(port), *args],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     try:
         wait_for_port(port, proc=proc)

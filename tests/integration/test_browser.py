@@ -135,8 +135,10 @@ async def test_stop_cancels_the_generation(tmp_path: Path) -> None:
 async def test_resume_after_server_side_drop(tmp_path: Path) -> None:
     tokens = 150
     full = expected_text(tokens)
-    async with demo_server(resume_grace_s=5, retry_ms=1000) as (server, ctx), \
-            chromium(tmp_path / "profile") as browser:
+    async with (
+        demo_server(resume_grace_s=5, retry_ms=1000) as (server, ctx),
+        chromium(tmp_path / "profile") as browser,
+    ):
         started = count_starts(ctx)
         page = await open_demo(browser, server.port, f"?tokens={tokens}&interval_ms=30")
         await ask(page, "Survive a dropped connection.")
@@ -161,7 +163,7 @@ async def test_resume_after_server_side_drop(tmp_path: Path) -> None:
         assert text == full, "resumed text differs from the uninterrupted answer"
         seen = await states_seen(page)
         assert "reconnecting" in seen, seen
-        after = seen[seen.index("reconnecting") + 1:]
+        after = seen[seen.index("reconnecting") + 1 :]
         assert after[:1] == ["streaming"] and after[-1] == "done", seen
         hooks = await demo_hooks(page)
         assert hooks["reconnects"] >= 1

@@ -176,9 +176,7 @@ def new_nonce() -> str:
     return "n" + secrets.token_hex(6)
 
 
-def stream_body(
-    provider: str, prompt: str, *, model: str | None = None, **params: Any
-) -> bytes:
+def stream_body(provider: str, prompt: str, *, model: str | None = None, **params: Any) -> bytes:
     return json.dumps(
         {
             "provider": provider,
@@ -326,12 +324,14 @@ FAILURES = [
     Failure("drop", "fail=drop after=2", "upstream_connection_error", True, before=2, closes=True),
     Failure("drop-at-once", "fail=drop after=0", "upstream_connection_error", True, closes=True),
     Failure(
-        "malformed", "fail=malformed after=1", "upstream_protocol_error", False, before=1,
+        "malformed",
+        "fail=malformed after=1",
+        "upstream_protocol_error",
+        False,
+        before=1,
         closes=True,
     ),
-    Failure(
-        "shape", "fail=shape after=1", "upstream_protocol_error", False, before=1, closes=True
-    ),
+    Failure("shape", "fail=shape after=1", "upstream_protocol_error", False, before=1, closes=True),
     # An in-stream {"error": ...} event: the Gemini SDK reads it as an HTTP 500 APIError.
     Failure(
         "error-event",
@@ -650,4 +650,3 @@ async def test_openai_sdk_sees_max_tokens_cut_as_finish_length(server: ServerPro
             assert chunks[-1].choices[0].finish_reason == "length", model
     finally:
         await client.close()
-

@@ -42,15 +42,22 @@ def server_args(redis: RedisServer, *extra: str) -> list[str]:
     return ["--hub", redis.url, "--heartbeat-s", "1", "--shutdown-grace-s", "2", *extra]
 
 
-async def request(port: int, method: str, target: str, headers: Iterable[tuple[str, str]] = (),
-                  body: bytes = b"", within: float = 10.0) -> Response:
+async def request(
+    port: int,
+    method: str,
+    target: str,
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes = b"",
+    within: float = 10.0,
+) -> Response:
     async with await RawClient.connect(port) as client:
         client.request(method, target, headers, body)
         return await client.response(within)
 
 
-async def publish(port: int, topic: str, data: str, event_id: str | None = None,
-                  within: float = 10.0) -> Response:
+async def publish(
+    port: int, topic: str, data: str, event_id: str | None = None, within: float = 10.0
+) -> Response:
     fields = [("topic", topic), ("data", data)]
     if event_id is not None:
         fields.append(("id", event_id))
@@ -63,8 +70,9 @@ async def publish_ok(port: int, topic: str, data: str, event_id: str) -> None:
     assert resp.body.decode() == event_id
 
 
-async def subscribe(port: int, topic: str, last_event_id: str | None = None
-                    ) -> tuple[RawClient, SSEReader]:
+async def subscribe(
+    port: int, topic: str, last_event_id: str | None = None
+) -> tuple[RawClient, SSEReader]:
     headers = [("Last-Event-ID", last_event_id)] if last_event_id else []
     client, resp, reader = await open_stream(
         port, f"{PATH}?{urlencode({'topic': topic})}", headers=headers
@@ -106,9 +114,11 @@ def logs(*servers: ServerProcess) -> str:
 
 
 async def test_publish_on_one_instance_reaches_subscribers_on_another(tmp_path: Path) -> None:
-    with redis_running(tmp_path / "redis") as redis, \
-            sseserver_running(tmp_path, *server_args(redis), name="a") as a, \
-            sseserver_running(tmp_path, *server_args(redis), name="b") as b:
+    with (
+        redis_running(tmp_path / "redis") as redis,
+        sseserver_running(tmp_path, *server_args(redis), name="a") as a,
+        sseserver_running(tmp_path, *server_args(redis), name="b") as b,
+    ):
         await await_status(a.port, "/readyz", 200, 10)
         await await_status(b.port, "/readyz", 200, 10)
         client_b, reader_b = await subscribe(b.port, "shared")
@@ -129,9 +139,11 @@ async def test_publish_on_one_instance_reaches_subscribers_on_another(tmp_path: 
 
 
 async def test_resume_on_b_after_an_id_published_on_a(tmp_path: Path) -> None:
-    with redis_running(tmp_path / "redis") as redis, \
-            sseserver_running(tmp_path, *server_args(redis), name="a") as a, \
-            sseserver_running(tmp_path, *server_args(redis), name="b") as b:
+    with (
+        redis_running(tmp_path / "redis") as redis,
+        sseserver_running(tmp_path, *server_args(redis), name="a") as a,
+        sseserver_running(tmp_path, *server_args(redis), name="b") as b,
+    ):
         live_client, live = await subscribe(b.port, "book")
         async with live_client:
             ids = [f"e{i}" for i in range(10)]
@@ -174,11 +186,11 @@ async def test_new_instance_replays_history_from_redis(tmp_path: Path) -> None:
 async def test_generation_started_on_a_resumes_on_b(tmp_path: Path) -> None:
     tokens = 150  # ~3 s at 20 ms a token: still running long after the move to B
     grace = "2"
-    with redis_running(tmp_path / "redis") as redis, \
-            sseserver_running(tmp_path, *server_args(redis, "--resume-grace-s", grace),
-                              name="a") as a, \
-            sseserver_running(tmp_path, *server_args(redis, "--resume-grace-s", grace),
-                              name="b") as b:
+    with (
+        redis_running(tmp_path / "redis") as redis,
+        sseserver_running(tmp_path, *server_args(redis, "--resume-grace-s", grace), name="a") as a,
+        sseserver_running(tmp_path, *server_args(redis, "--resume-grace-s", grace), name="b") as b,
+    ):
         query = f"tokens={tokens}&interval_ms=20"
         client, resp, reader = await open_stream(a.port, f"/v1/stream?{query}")
         async with client:
@@ -215,9 +227,11 @@ async def test_immediate_reconnect_to_b_resumes_instead_of_starting_anew(
     """A reader may reconnect to B before A has forwarded the event it just read: B waits
     (bounded) for it instead of taking the generation for an unknown one and paying for
     a new one. Mid-stream: replay then live; past the end: 204."""
-    with redis_running(tmp_path / "redis") as redis, \
-            sseserver_running(tmp_path, *server_args(redis), name="a") as a, \
-            sseserver_running(tmp_path, *server_args(redis), name="b") as b:
+    with (
+        redis_running(tmp_path / "redis") as redis,
+        sseserver_running(tmp_path, *server_args(redis), name="a") as a,
+        sseserver_running(tmp_path, *server_args(redis), name="b") as b,
+    ):
         client, resp, reader = await open_stream(a.port, "/v1/stream?tokens=20&interval_ms=50")
         async with client:
             await reader.until(lambda r: any(e.type == "message" for e in r.parser.events))
@@ -244,9 +258,11 @@ async def test_concurrent_stream_cap_is_shared_across_instances(tmp_path: Path) 
     """--max-streams-per-subject 2 with the Redis hub: two streams of one subject on A
     leave none for it on B; when one ends, B has a slot again (leases in Redis)."""
     cap = ("--max-streams-per-subject", "2")
-    with redis_running(tmp_path / "redis") as redis, \
-            sseserver_running(tmp_path, *server_args(redis, *cap), name="a") as a, \
-            sseserver_running(tmp_path, *server_args(redis, *cap), name="b") as b:
+    with (
+        redis_running(tmp_path / "redis") as redis,
+        sseserver_running(tmp_path, *server_args(redis, *cap), name="a") as a,
+        sseserver_running(tmp_path, *server_args(redis, *cap), name="b") as b,
+    ):
         long_stream = "/v1/stream?tokens=100000&interval_ms=50"
         first = await open_stream(a.port, long_stream)
         second = await open_stream(a.port, long_stream)
@@ -274,9 +290,11 @@ async def test_concurrent_stream_cap_is_shared_across_instances(tmp_path: Path) 
 
 async def test_cancel_asked_of_b_stops_the_generation_on_a(tmp_path: Path) -> None:
     """The Stop button's request may land on another instance than the generation."""
-    with redis_running(tmp_path / "redis") as redis, \
-            sseserver_running(tmp_path, *server_args(redis), name="a") as a, \
-            sseserver_running(tmp_path, *server_args(redis), name="b") as b:
+    with (
+        redis_running(tmp_path / "redis") as redis,
+        sseserver_running(tmp_path, *server_args(redis), name="a") as a,
+        sseserver_running(tmp_path, *server_args(redis), name="b") as b,
+    ):
         client, resp, reader = await open_stream(a.port, "/v1/stream?tokens=100000&interval_ms=20")
         async with client:
             assert resp.status == 200
@@ -350,9 +368,11 @@ class ResumingSubscriber:
 async def test_redis_restart_under_load_loses_nothing_acknowledged(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with redis_running(tmp_path / "redis", appendonly=True) as redis, \
-            sseserver_running(tmp_path, *server_args(redis), name="a") as a, \
-            sseserver_running(tmp_path, *server_args(redis), name="b") as b:
+    with (
+        redis_running(tmp_path / "redis", appendonly=True) as redis,
+        sseserver_running(tmp_path, *server_args(redis), name="a") as a,
+        sseserver_running(tmp_path, *server_args(redis), name="b") as b,
+    ):
         await await_status(a.port, "/readyz", 200, 10)
         await await_status(b.port, "/readyz", 200, 10)
         subscriber = ResumingSubscriber(b.port, "load")

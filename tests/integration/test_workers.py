@@ -91,8 +91,7 @@ def tcp_sockets() -> Iterable[tuple[int, int, str, int]]:
         for line in lines:
             parts = line.split()
             local, remote, state, inode = parts[1], parts[2], parts[3], int(parts[9])
-            yield int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16), \
-                state, inode
+            yield int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16), state, inode
 
 
 def listening_workers(port: int, workers: set[int]) -> set[int]:
@@ -112,8 +111,9 @@ def worker_of(server_port: int, client_port: int, workers: set[int]) -> int | No
     return None
 
 
-async def await_workers(sup: ServerProcess, count: int, within: float,
-                        exclude: Iterable[int] = ()) -> set[int]:
+async def await_workers(
+    sup: ServerProcess, count: int, within: float, exclude: Iterable[int] = ()
+) -> set[int]:
     """Poll until ``count`` children of the supervisor listen on its port."""
     excluded = set(exclude)
     deadline = time.monotonic() + within
@@ -153,8 +153,9 @@ class Sub:
         self.pid = pid
 
 
-async def open_subscribers(port: int, workers: set[int], stack: AsyncExitStack,
-                           per_worker: int = 3, limit: int = 60) -> list[Sub]:
+async def open_subscribers(
+    port: int, workers: set[int], stack: AsyncExitStack, per_worker: int = 3, limit: int = 60
+) -> list[Sub]:
     """Open subscriber connections until every worker holds ``per_worker`` of them
     (the kernel picks the worker; bounded by ``limit`` connections)."""
     subs: list[Sub] = []
@@ -174,9 +175,7 @@ async def open_subscribers(port: int, workers: set[int], stack: AsyncExitStack,
             await asyncio.sleep(0.025)
         assert pid is not None, f"no worker holds the connection from port {local_port}"
         subs.append(Sub(client, reader, pid))
-    raise AssertionError(
-        f"connections did not spread over the workers: {[s.pid for s in subs]}"
-    )
+    raise AssertionError(f"connections did not spread over the workers: {[s.pid for s in subs]}")
 
 
 # -- the tests ---------------------------------------------------------------------------
@@ -185,14 +184,21 @@ async def open_subscribers(port: int, workers: set[int], stack: AsyncExitStack,
 @contextmanager
 def workers_running(tmp_path: Path) -> Iterator[ServerProcess]:
     require("/proc/net/tcp", have_proc(), "needs Linux /proc")
-    with redis_running(tmp_path / "redis") as redis, sseserver_running(
-        tmp_path,
-        "--workers", "2",
-        "--hub", redis.url,
-        "--heartbeat-s", "1",
-        "--shutdown-grace-s", "2",
-        name="supervisor",
-    ) as sup:
+    with (
+        redis_running(tmp_path / "redis") as redis,
+        sseserver_running(
+            tmp_path,
+            "--workers",
+            "2",
+            "--hub",
+            redis.url,
+            "--heartbeat-s",
+            "1",
+            "--shutdown-grace-s",
+            "2",
+            name="supervisor",
+        ) as sup,
+    ):
         yield sup
 
 

@@ -56,7 +56,6 @@ class Client(Loopback):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
         return cls(reader, writer)
 
-
     def send_raw(self, head: bytes, method: str = "GET", target: str = "/") -> None:
         self.writer.write(head)
         if self.oracle.our_state is h11.DONE and self.oracle.their_state is h11.DONE:

@@ -194,7 +194,6 @@ class RawClient(Loopback):
             reader, writer = await asyncio.open_connection(HOST, port)
         return cls(reader, writer)
 
-
     # writing
 
     def write(self, data: bytes) -> None:

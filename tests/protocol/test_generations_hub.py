@@ -108,8 +108,8 @@ async def test_many_viewers_one_upstream_call() -> None:
             mercure = []
             for _ in range(watchers):
                 client, resp, reader = await open_stream(
-                    server.port, f"/.well-known/mercure?topic={topic_of(gen_id)}"
-                    "&lastEventID=earliest"
+                    server.port,
+                    f"/.well-known/mercure?topic={topic_of(gen_id)}&lastEventID=earliest",
                 )
                 assert resp.status == 200
                 stack.push_async_callback(client.close)
@@ -133,9 +133,7 @@ async def test_many_viewers_one_upstream_call() -> None:
 async def test_viewer_keeps_generation_after_origin_leaves() -> None:
     async with app_server() as (server, ctx):
         provider = counting(ctx)
-        origin, _o_reader, gen_id = await start_generation(
-            server.port, "tokens=40&interval_ms=20"
-        )
+        origin, _o_reader, gen_id = await start_generation(server.port, "tokens=40&interval_ms=20")
         viewer, resp, v_reader = await open_stream(server.port, f"/v1/streams/{gen_id}")
         assert resp.status == 200
         async with viewer:
@@ -173,9 +171,7 @@ async def test_reconnect_with_last_event_id_resumes_same_generation() -> None:
                 range(seq_of(first[-1]) + 1, seq_of(first[-1]) + 1 + len(rest))
             )
             assert rest[-1].data == "[DONE]"
-            assert text_of(first) + text_of(rest) == "".join(
-                token_text(i) for i in range(tokens)
-            )
+            assert text_of(first) + text_of(rest) == "".join(token_text(i) for i in range(tokens))
         assert provider.calls == 1, "a resume must not call the upstream again"
         # Past the end: 204, and still no new upstream call.
         final = rest[-1].last_event_id
@@ -197,7 +193,8 @@ async def test_unknown_generation_in_last_event_id_starts_a_new_one() -> None:
     async with app_server() as (server, ctx):
         provider = counting(ctx)
         client, resp, reader = await open_stream(
-            server.port, "/v1/stream?tokens=3&interval_ms=0",
+            server.port,
+            "/v1/stream?tokens=3&interval_ms=0",
             headers=[("Last-Event-ID", "no-such-generation:7")],
         )
         async with client:
@@ -246,8 +243,11 @@ async def test_generation_survives_a_reconnect_within_grace() -> None:
         await origin.close()
         first = all_events(o_reader)
         await eventually(lambda: not gen.viewers, what="the origin detached")
-        await eventually(lambda: gen.seq > seq_of(first[-1]) + 5, within=2.0,
-                         what="production went on without viewers")
+        await eventually(
+            lambda: gen.seq > seq_of(first[-1]) + 5,
+            within=2.0,
+            what="production went on without viewers",
+        )
         assert not gen.finished and provider.closed_at == []
         # Back within the grace period: the same generation, replay then live.
         client, resp, reader = await open_stream(
@@ -272,8 +272,11 @@ async def test_generation_cancelled_when_nobody_returns_within_grace() -> None:
         gen = generation(ctx, gen_id)
         left = time.monotonic()
         await origin.close()
-        await eventually(lambda: bool(provider.closed_at), within=grace + 2.0,
-                         what="upstream closed after the grace period")
+        await eventually(
+            lambda: bool(provider.closed_at),
+            within=grace + 2.0,
+            what="upstream closed after the grace period",
+        )
         waited = provider.closed_at[0] - left
         assert grace * 0.95 <= waited <= grace + 0.3, f"cancelled after {waited:.3f}s"
         assert gen.cancel_reason == "abandoned"
@@ -304,7 +307,8 @@ async def test_leave_and_return_twice_within_grace_keeps_one_generation() -> Non
             await client.close()
             await eventually(lambda: not gen.viewers, what="viewer detached")
             client, resp, reader = await open_stream(
-                server.port, f"/v1/stream?{query}",
+                server.port,
+                f"/v1/stream?{query}",
                 headers=[("Last-Event-ID", seen[-1].last_event_id)],
             )
             assert resp.status == 200

@@ -236,8 +236,9 @@ async def test_sse_reader_smoke() -> None:
 async def test_expect_100_continue_is_answered_before_the_body() -> None:
     """A client that sends ``Expect: 100-continue`` holds its body back (curl for a
     second) until the server says so; the answer must come before any body byte."""
-    body = json.dumps({"messages": [{"role": "user", "content": "hi"}],
-                       "params": {"tokens": 2, "interval_ms": 0}}).encode()
+    body = json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}], "params": {"tokens": 2, "interval_ms": 0}}
+    ).encode()
     async with app_server() as (server, _ctx):
         async with await RawClient.connect(server.port) as client:
             client.write(

@@ -113,8 +113,10 @@ async def test_metrics_of_a_completed_stream() -> None:
         assert m.value("sseserver_requests_total", status="200") >= 1
 
 
-async def test_open_connections_and_streams_gauges() -> None:
-    async with running_server(heartbeat_s=0.5) as server:
+async def test_gauges_are_true_at_the_moment_of_the_scrape() -> None:
+    """Open connections, open streams by kind and history bytes read right at once, with
+    a heartbeat (the shared tick) far longer than the test: no timer sets them."""
+    async with running_server(heartbeat_s=3600) as server:
         port = server.port
         idle = [await Client.open(port) for _ in range(3)]
         streams = []
@@ -122,26 +124,30 @@ async def test_open_connections_and_streams_gauges() -> None:
             client = await Client.open(port)
             client.send("GET", LONG_STREAM)
             assert (await client.head()).status == 200
+            assert (await client.next_event()).type == "start"
             streams.append(client)
+        subscriber = await Client.open(port)
+        subscriber.send("GET", "/.well-known/mercure?topic=news")
+        assert (await subscriber.head()).status == 200
 
-        async def up() -> bool:
-            m = await scrape(port)
-            return (
-                m.value("sseserver_open_connections") >= 5
-                and m.value("sseserver_open_streams", kind="all") == 2
-            )
+        m = await scrape(port)
+        assert m.value("sseserver_open_connections") == 7  # 3 idle, 3 streams, the scrape
+        assert m.value("sseserver_open_streams", kind="generation") == 2
+        assert m.value("sseserver_open_streams", kind="subscription") == 1
+        assert m.value("sseserver_history_bytes") > 0  # two generations' events
 
-        await eventually(up)
-        for client in idle + streams:
+        for client in [*idle, *streams, subscriber]:
             await client.close()
 
         async def down() -> bool:
             m = await scrape(port)
             return (
-                m.value("sseserver_open_connections") <= 1  # the scrape's own
-                and m.value("sseserver_open_streams", kind="all") == 0
+                m.value("sseserver_open_connections") == 1  # the scrape's own
+                and m.value("sseserver_open_streams", kind="generation") == 0
+                and m.value("sseserver_open_streams", kind="subscription") == 0
             )
 
+        # Closing is the client's act; the server learns of it when the FIN arrives.
         await eventually(down)
 
 

@@ -32,6 +32,7 @@ LONG_STREAM = "/v1/stream?tokens=100000&interval_ms=20"
 LIMITED = "/v1/streams/no-such-generation"  # authenticated and limited; 404 when allowed
 WWW_AUTH = 'Bearer realm="sseserver"'
 
+
 def assert_error(resp: Response, status: int, code: str | None = None) -> None:
     assert resp.status == status, (resp.status, resp.body)
     assert (resp.header("content-type") or "").startswith("application/json")
@@ -55,7 +56,6 @@ def hs256(claims: dict[str, Any] | None = None, secret: str = SECRET) -> str:
     return jwt.encode({"sub": "alice", **(claims or {})}, secret, algorithm="HS256")
 
 
-
 def handmade(alg: str, claims: dict[str, Any], key: bytes | None = None) -> str:
     """A token PyJWT would refuse to make: alg none, or HS256 keyed with a PEM."""
     signing = b64url(json.dumps({"alg": alg, "typ": "JWT"}).encode()) + "."
@@ -63,9 +63,6 @@ def handmade(alg: str, claims: dict[str, Any], key: bytes | None = None) -> str:
     if key is None:
         return signing + "."
     return signing + "." + b64url(hmac.new(key, signing.encode(), hashlib.sha256).digest())
-
-
-
 
 
 def bearer(token: str) -> list[tuple[str, str]]:

@@ -28,7 +28,7 @@ async def test_get_stream_event_sequence() -> None:
             if size == 0:
                 break
             data += rest[:size]
-            rest = rest[size + 2:]
+            rest = rest[size + 2 :]
         events = parse(bytes(data))
         types = [e.type for e in events]
         assert types == ["start", "message", "message", "message", "metrics", "message"]

@@ -23,10 +23,6 @@ from tests.jwt_keys import b64url, public_pem
 SECRET = "unit-test-secret-that-is-long-enough-for-hs256"
 
 
-
-
-
-
 def _unsigned(header: dict[str, Any], payload: dict[str, Any]) -> str:
     return b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(payload).encode())
 

@@ -15,7 +15,6 @@ than corrupting bodies:
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Sequence
 
@@ -70,9 +69,18 @@ def test_frame_value() -> None:
     assert f.raw == b"hello"
     assert f.chunked == b"5\r\nhello\r\n"
     assert len(f) == 5
-    assert f == Frame(b"hello", b"5\r\nhello\r\n")
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    assert f == Frame(b"5\r\nhello\r\n", 5)
+    # One copy of the bytes: the HTTP/1.0 form is a view into the chunk.
+    assert isinstance(f.raw, memoryview) and f.raw.obj is f.chunked
+    with pytest.raises(AttributeError):
         f.raw = b"x"  # type: ignore[misc]
+
+
+def test_joined_frame_keeps_each_chunk() -> None:
+    parts = [Frame.of(b"ab"), Frame.of(b"cde")]
+    joined = Frame.joined(parts)
+    assert joined.chunked == b"2\r\nab\r\n3\r\ncde\r\n"
+    assert joined.raw == b"abcde" and len(joined) == 5
 
 
 def test_frame_value_of_nothing() -> None:

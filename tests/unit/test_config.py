@@ -81,6 +81,8 @@ OPTIONS: dict[str, tuple[str, Any, str, Any]] = {
     "resume_grace_s": ("5", 5.0, "0.25", 0.25),
     "history": ("10", 10, "0", 0),
     "history_age_s": ("60", 60.0, "1.5", 1.5),
+    "history_bytes": ("1048576", 1048576, "64MiB", 64 * 1024 * 1024),
+    "resume_window_s": ("60", 60.0, "0", 0.0),
     "max_stream_s": ("600", 600.0, "30", 30.0),
     "hub": ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0", "memory", "memory"),
     "jwt_secret": ("s3cret", "s3cret", "other", "other"),

@@ -74,7 +74,7 @@ class FakeStream:
 
 
 def _id_of(f: Frame) -> str:
-    for line in f.raw.decode().split("\n"):
+    for line in bytes(f.raw).decode().split("\n"):
         if line.startswith("id: "):
             return line[4:]
     raise AssertionError(f"frame without id: {f.raw!r}")
@@ -172,7 +172,7 @@ async def test_one_frame_object_shared_by_every_subscriber() -> None:
         assert len(stream.frames) == 1
         assert stream.frames[0] is first, "every subscriber must get the same Frame object"
         assert stream.frames[0].chunked is first.chunked
-        assert stream.frames[0].raw is first.raw
+        assert stream.frames[0].raw == first.raw  # a view into that chunk, not a copy
     assert first.raw == b"id: u1\ndata: hello\n\n"
     assert first.chunked == b"%x\r\n" % len(first.raw) + first.raw + b"\r\n"
     assert hub.deliveries == len(streams)
@@ -467,7 +467,7 @@ async def test_duplicate_id_is_refused_and_not_delivered() -> None:
     with pytest.raises(ValueError, match="duplicate"):
         await hub.publish(("t",), "second", id="same")
     assert live.ids == ["same"]
-    assert [u.data for u in hub.held("t")] == ["first"]
+    assert [bytes(u.frame.raw) for u in hub.held("t")] == [b"id: same\ndata: first\n\n"]
 
 
 async def test_generated_ids_are_unique_urns() -> None:
