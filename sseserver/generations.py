@@ -177,7 +177,8 @@ class Generations:
         self, gen: Generation, stream: EventStream, after_seq: int | None, *, throttle: bool
     ) -> bool:
         """Replay ``gen`` after ``after_seq`` (all of it when None) to ``stream``, then
-        follow it live. Returns False when some of the replay is no longer held."""
+        follow it live. Returns False, having written nothing, when some of the replay is
+        no longer held (the caller says so)."""
         stream.log["generation"] = gen.id
         last_id = None if after_seq is None else f"{gen.id}:{after_seq}"
         sub = Subscription(stream, gen.topics)
@@ -191,14 +192,16 @@ class Generations:
                 stream.write_frame(update.frame)
         else:
             updates, found = self.hub.replay(sub, last_id)
+            if not found:
+                return False
             for update in updates:
                 stream.write_frame(update.frame)
         if gen.finished:
             stream.finish("complete")
-            return found
+            return True
         self.hub.attach(sub)
         self._attach(gen, stream, throttle=throttle, subscribed=True)
-        return found
+        return True
 
     def _attach(
         self, gen: Generation, stream: EventStream, *, throttle: bool, subscribed: bool = False

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import urlencode
 
+import jwt
 import pytest
 
 from sseserver.providers.synthetic import token_text
@@ -315,6 +316,55 @@ async def test_cancel_asked_of_b_stops_the_generation_on_a(tmp_path: Path) -> No
         # An id nobody runs is still a 404.
         missing = await request(b.port, "POST", "/v1/streams/nope/cancel")
         assert missing.status == 404
+
+
+async def test_a_generation_stays_its_owners_across_instances(tmp_path: Path) -> None:
+    """SPEC §9 with two instances: the owner travels with the generation's first event
+    through Redis, so B answers bob as for an unknown id and alice as her own."""
+    secret = "redis-ownership-secret-long-enough-for-hs256!"
+    alice = [("Authorization", "Bearer " + jwt.encode({"sub": "alice"}, secret, "HS256"))]
+    bob = [("Authorization", "Bearer " + jwt.encode({"sub": "bob"}, secret, "HS256"))]
+    auth = ("--jwt-secret", secret)
+    with (
+        redis_running(tmp_path / "redis") as redis,
+        sseserver_running(tmp_path, *server_args(redis, *auth), name="a") as a,
+        sseserver_running(tmp_path, *server_args(redis, *auth), name="b") as b,
+    ):
+        long_stream = "/v1/stream?tokens=100000&interval_ms=20"
+        client, resp, reader = await open_stream(a.port, long_stream, headers=alice)
+        async with client:
+            assert resp.status == 200
+            await reader.until(lambda r: len(r.parser.events) >= 3)
+            gen_id = json.loads(reader.parser.events[0].data)["id"]
+            for _ in range(200):  # bounded: B knows it once its events came through Redis
+                watch = await open_stream(b.port, f"/v1/streams/{gen_id}", headers=alice)
+                await watch[0].close()
+                if watch[1].status == 200:
+                    break
+                await asyncio.sleep(0.02)
+            assert watch[1].status == 200
+            unknown = await request(b.port, "GET", "/v1/streams/nope", bob)
+            for method, target in (
+                ("GET", f"/v1/streams/{gen_id}"),
+                ("POST", f"/v1/streams/{gen_id}/cancel"),
+            ):
+                answer = await request(b.port, method, target, bob)
+                assert answer.status == 404, (method, answer.body)
+                assert json.loads(answer.body) == json.loads(unknown.body)
+            # bob's reconnect naming alice's generation: a new one of his own, on B.
+            other, resp, other_reader = await open_stream(
+                b.port,
+                "/v1/stream?tokens=2&interval_ms=0",
+                headers=[*bob, ("Last-Event-ID", f"{gen_id}:2")],
+            )
+            async with other:
+                events = await other_reader.rest(within=10)
+            assert events[0].type == "start" and json.loads(events[0].data)["id"] != gen_id
+            # alice may stop it from B.
+            answer = await request(b.port, "POST", f"/v1/streams/{gen_id}/cancel", alice)
+            assert answer.status == 200, answer.body
+            rest = await reader.rest(within=10)
+        assert [json.loads(e.data)["code"] for e in rest if e.type == "error"] == ["cancelled"]
 
 
 # -- Redis going away under load ---------------------------------------------------------

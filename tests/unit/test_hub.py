@@ -548,3 +548,143 @@ async def test_subscriber_arriving_before_the_flush_gets_each_update_once() -> N
     await asyncio.sleep(0)  # the scheduled flush runs (and finds nothing left)
     assert early.ids == ["held"]
     assert late.ids == ["held"]
+
+
+# -- the memory budget and the resume window (SPEC §8) -------------------------------------
+
+
+def _held_cost(hub: MemoryHub) -> int:
+    """What the hub should say it holds, recounted from scratch."""
+    total = 0
+    for topic, held in hub._topics.items():
+        total += memory.TOPIC_OVERHEAD + len(topic)
+        total += sum(memory.update_cost(u) for u in held)
+    return total
+
+
+def _check_indexes(hub: MemoryHub) -> None:
+    held = [u for updates in hub._topics.values() for u in updates]
+    assert all(u.held for u in held)
+    assert {u.id for u in held} == set(hub._by_id)
+    assert [u for u in hub._by_age if u.held] == sorted(held, key=lambda u: u.seq)
+    assert hub.held_bytes == _held_cost(hub)
+
+
+async def test_history_bytes_counts_what_is_held() -> None:
+    hub = MemoryHub()
+    await hub.publish(("a",), "x" * 100, id="a1")
+    await hub.publish(("b",), "y", id="b1")
+    _check_indexes(hub)
+    one = memory.update_cost(hub._by_id["a1"])
+    # The frame (chunk header, SSE lines, payload) and the objects around it.
+    assert one >= 100 + len("a1") + memory.UPDATE_OVERHEAD
+    assert hub.held_bytes == _held_cost(hub) > 0
+
+
+async def test_budget_drops_the_oldest_first_whatever_their_topic() -> None:
+    probe = MemoryHub()
+    await probe.publish(("t0",), "d" * 50, id="probe")
+    per_topic = probe.held_bytes  # one topic holding one such update
+    budget = per_topic * 5 + per_topic // 2  # room for five topics of one update
+    hub = MemoryHub(history_bytes=budget)
+    for i in range(12):
+        await hub.publish((f"t{i % 4}",), "d" * 50, id=f"u{i:02d}")
+        assert hub.held_bytes <= budget
+        _check_indexes(hub)
+    kept = sorted(hub._by_id)
+    assert kept == [f"u{i:02d}" for i in range(12 - len(kept), 12)], "not oldest first"
+    assert hub.evicted == 12 - len(kept)
+    # A resume from a dropped id is told so; from a held one it gets the exact suffix.
+    _, _, found = await attach(hub, "t0", last_event_id="u00")
+    assert not found
+    first_kept = kept[0]
+    stream, _, found = await attach(hub, "*", last_event_id=first_kept)
+    assert found and stream.ids == kept[1:]
+
+
+async def test_an_update_over_the_whole_budget_is_delivered_but_not_kept() -> None:
+    hub = MemoryHub(history_bytes=100)
+    live, _, _ = await attach(hub, "t")
+    await hub.publish(("t",), "x" * 500, id="big")
+    assert live.ids == ["big"]
+    assert hub.held("t") == [] and hub.held_bytes == 0
+    _check_indexes(hub)
+
+
+async def test_dropped_entries_never_pile_up() -> None:
+    """A hot topic bounded by count leaves its dropped updates behind in the age index
+    until they reach its front: the index is rebuilt before they hold much."""
+    hub = MemoryHub(history=10)
+    for i in range(20_000):
+        hub.dispatch(hub.make_update(("hot",), "d", id=f"h{i}"))
+    assert len(hub._topics["hot"]) == 10
+    assert len(hub._by_age) <= 2 * memory.COMPACT_AFTER + 10
+    _check_indexes(hub)
+
+
+async def test_ended_topic_forgotten_after_the_resume_window(clock: FakeClock) -> None:
+    hub = MemoryHub(resume_window_s=300.0)
+    forgotten: list[str] = []
+    hub.on_forget = forgotten.append
+    for i in range(3):
+        hub.dispatch(hub.make_update(("streams/g1",), "d", id=f"g1:{i}", final=i == 2))
+    hub.dispatch(hub.make_update(("streams/g2",), "d", id="g2:0", owner="alice"))
+    assert hub.is_closed("streams/g1") and hub.owner("streams/g2") == "alice"
+    clock.now += 299
+    hub.sweep()
+    assert [u.id for u in hub.held("streams/g1")] == ["g1:0", "g1:1", "g1:2"]
+    clock.now += 2
+    hub.sweep()
+    assert hub.held("streams/g1") == [] and not hub.is_closed("streams/g1")
+    assert forgotten == ["streams/g1"]
+    assert hub.get("g1:1") is None
+    # A running (not closed) topic stays, and so does what it knows of its owner.
+    assert [u.id for u in hub.held("streams/g2")] == ["g2:0"]
+    assert hub.owner("streams/g2") == "alice"
+    _check_indexes(hub)
+
+
+async def test_the_hub_sweeps_on_its_own_timer() -> None:
+    """After the traffic stops, nothing publishes: the hub's one timer still forgets
+    ended topics, so memory comes back."""
+    hub = MemoryHub(resume_window_s=0.05)
+    await hub.start()
+    try:
+        hub.dispatch(hub.make_update(("streams/g",), "d", id="g:0", final=True))
+        assert hub.held_bytes > 0
+        deadline = asyncio.get_running_loop().time() + 5
+        while hub.held_bytes and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)  # the sweep timer is what we wait for
+        assert hub.held_bytes == 0 and hub.held("streams/g") == []
+    finally:
+        await hub.aclose()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["pub", "pub", "pub", "final", "sweep"]),
+            st.integers(0, 5),
+            st.integers(0, 300),
+        ),
+        max_size=60,
+    ),
+    budget=st.integers(500, 6000),
+    history=st.integers(1, 6),
+)
+def test_indexes_stay_consistent(ops: list[tuple[str, int, int]], budget: int, history: int) -> None:
+    async def run() -> None:
+        hub = MemoryHub(history=history, history_bytes=budget, resume_window_s=0.0)
+        for n, (op, topic, size) in enumerate(ops):
+            if op == "sweep":
+                hub.sweep()
+            else:
+                name = f"streams/t{topic}" if op == "final" else f"t{topic}"
+                update = hub.make_update((name,), "x" * size, id=f"u{n}", final=op == "final")
+                hub.dispatch(update)
+            assert hub.held_bytes <= budget
+            assert all(len(h) <= history for h in hub._topics.values())
+            _check_indexes(hub)
+
+    asyncio.run(run())
