@@ -27,13 +27,16 @@ SWEEP_EVERY = 63  # also sweep once per 64 updates (a bit mask), between timer t
 SWEEP_S = 1.0  # the timer's period: ended topics and aged history go within a second
 MiB = 1024 * 1024
 # What one held update costs beyond its frame's and id's bytes: the Update, the Frame,
-# the empty bytes and str headers, and a slot in each index (by id, per topic, by age).
-_SAMPLE = Update(("t",), "", Frame(b"", 0), False, 0, 0.0)
+# the empty bytes and str headers, its time and sequence number (objects of their own),
+# and a slot in each index (by id, per topic, by age).
+_SAMPLE = Update(("t",), "", Frame(b"", 0), False, 2**40, 0.5)
 UPDATE_OVERHEAD = (
     sys.getsizeof(_SAMPLE)
     + sys.getsizeof(_SAMPLE.frame)
     + sys.getsizeof(b"")
     + sys.getsizeof("")
+    + sys.getsizeof(_SAMPLE.at)
+    + sys.getsizeof(_SAMPLE.seq)
     + 3 * 8  # the by-id table's entry: hash, key, value (and its spare room, below)
     + 3 * 8  # a pointer in the topic's list, in the age deque, table slack
 )

@@ -61,7 +61,7 @@ async def test_held_bytes_stay_under_the_budget_and_resume_holds_at_the_boundary
         assert json.loads(newest[1].data)["text"] == token_text(0)
 
         # The oldest one's events were dropped: a resume says so, then ends with [DONE].
-        oldest_id, oldest = finished[0]
+        oldest_id, _ = finished[0]
         assert hub.held(topic_of(oldest_id)) == []
         for target in (f"/v1/stream?{QUERY}", f"/v1/streams/{oldest_id}"):
             status, events = await resume(port, target, f"{oldest_id}:5")
@@ -74,7 +74,7 @@ async def test_held_bytes_stay_under_the_budget_and_resume_holds_at_the_boundary
         assert status == 200 and json.loads(events[0].data)["code"] == "missed_events"
 
         # Past the end of a generation still known, held or not: 204 (EventSource stops).
-        for gen_id, events in (finished[0], finished[-1]):
+        for _gen_id, events in (finished[0], finished[-1]):
             last = events[-1].last_event_id
             status, _ = await resume(port, f"/v1/stream?{QUERY}", last)
             assert status == 204
