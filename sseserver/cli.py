@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import os
@@ -13,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from .app import Application
 from .auth import Authenticator
-from .config import Config, load_config
+from .config import Config, MiB, load_config
 from .context import Context, configured_providers
 from .generations import Generation, Generations
 from .hub.memory import MemoryHub
@@ -186,6 +187,28 @@ def tune_gc() -> None:
     gc.set_threshold(GC_THRESHOLD, 50, 1000)
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 1 * MiB
+
+
+def tune_malloc() -> None:
+    """Give big blocks back to the system when they are freed. A hub holding hundreds of
+    MiB of history has tables of tens of MiB that are rebuilt as they grow; glibc would
+    raise its mmap threshold after freeing the first and serve the next from the heap,
+    where a freed table stays in RSS for good (measured: +60 MiB over a 256 MiB budget,
+    then flat). A fixed threshold keeps such blocks mmapped, so RSS follows what is held.
+    Nothing to do off glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
 def serve(config: Config) -> int:
     """Run one server process until SIGTERM/SIGINT; the exit code."""
     try:
@@ -194,5 +217,6 @@ def serve(config: Config) -> int:
         print(f"sseserver: {exc}", file=sys.stderr)
         return 2
     tune_gc()
+    tune_malloc()
     with asyncio.Runner(loop_factory=loop_factory(config.loop)) as runner:
         return runner.run(server.serve())

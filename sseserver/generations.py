@@ -91,6 +91,10 @@ class Generation:
 
 Observer = Callable[[Generation, str], None]
 
+# What an ended generation's record weighs while it waits out the resume window (the
+# record, its empty viewer set, its id and topic strings, its table entry): measured.
+ENDED_RECORD_BYTES = 640
+
 
 class Generations:
     """Starts, tracks, resumes and cancels generations on one server."""
@@ -109,6 +113,7 @@ class Generations:
         # (``--resume-window-s`` after the end), so the two never disagree.
         self._ended: dict[str, Generation] = {}
         hub.on_forget = self._forget
+        hub.closed_topic_bytes += ENDED_RECORD_BYTES  # the budget covers the records too
         self.observer = observer
         self.presence: RedisPresence | None = None  # readers on other instances (Redis)
         self._checks: set[asyncio.Task[None]] = set()

@@ -26,6 +26,10 @@ from .base import EARLIEST, Subscription, Update, build_frame
 SWEEP_EVERY = 63  # also sweep once per 64 updates (a bit mask), between timer ticks
 SWEEP_S = 1.0  # the timer's period: ended topics and aged history go within a second
 MiB = 1024 * 1024
+# A large table's entry as it really weighs: 24 bytes of hash, key and value, the index,
+# and the room a dict keeps free (a third at least; after deletions it rebuilds at
+# three times its live count, so ~2.5x on average) — measured ~65 bytes at 600k entries.
+BY_ID_ENTRY = 64
 # What one held update costs beyond its frame's and id's bytes: the Update, the Frame,
 # the empty bytes and str headers, its time and sequence number (objects of their own),
 # and a slot in each index (by id, per topic, by age).
@@ -37,11 +41,14 @@ UPDATE_OVERHEAD = (
     + sys.getsizeof("")
     + sys.getsizeof(_SAMPLE.at)
     + sys.getsizeof(_SAMPLE.seq)
-    + 3 * 8  # the by-id table's entry: hash, key, value (and its spare room, below)
-    + 3 * 8  # a pointer in the topic's list, in the age deque, table slack
+    + BY_ID_ENTRY
+    + 2 * 8  # a pointer in the topic's list and one in the age deque
 )
 # And one topic: its name, its list, its table entry.
-TOPIC_OVERHEAD = sys.getsizeof([]) + sys.getsizeof("") + 3 * 8
+TOPIC_OVERHEAD = sys.getsizeof([]) + sys.getsizeof("") + BY_ID_ENTRY
+# And one closed topic remembered for the resume window: its entry and time here, plus
+# what a listener keeps alongside (``Generations`` adds its record's size).
+CLOSED_OVERHEAD = BY_ID_ENTRY + sys.getsizeof(0.5)
 # A deque keeps entries of updates dropped for other reasons until they reach its front;
 # past this many (and half of it) it is rebuilt, so they never hold memory for long.
 COMPACT_AFTER = 1024
@@ -79,7 +86,8 @@ class MemoryHub:
         self._seq = 0
         self._pending: list[Update] = []  # published, not yet written (dispatch_soon)
         self._sweeper: asyncio.TimerHandle | None = None
-        self.held_bytes = 0  # what history holds now, by ``update_cost``
+        self.held_bytes = 0  # what history holds now, by ``update_cost``, and closed topics
+        self.closed_topic_bytes = CLOSED_OVERHEAD  # what remembering one closed topic costs
         self.evicted = 0  # updates dropped to stay within ``history_bytes``
         self.deliveries = 0
         # Called with each closed topic forgotten after the resume window.
@@ -239,13 +247,22 @@ class MemoryHub:
         self._by_id[update.id] = update
         self._by_age.append(update)
         self.held_bytes += update_cost(update)
-        while self.held_bytes > self.history_bytes and self._by_age:
-            self._drop_oldest()
-            self.evicted += 1
+        self._shrink()
         if not update.seq & SWEEP_EVERY:
             self.sweep(update.at)
         elif self._stale > COMPACT_AFTER and self._stale * 2 > len(self._by_age):
             self._compact()
+
+    def _shrink(self) -> None:
+        """Drop the oldest history until what is held fits the budget again. Closed
+        topics count too: history makes room for them, and only when no history is left
+        are the oldest forgotten before their resume window ends (memory stays bounded
+        whatever the rate of generations)."""
+        while self.held_bytes > self.history_bytes and self._by_age:
+            self._drop_oldest()
+            self.evicted += 1
+        while self.held_bytes > self.history_bytes and self._closed:
+            self._forget_oldest_closed()
 
     def _let_go(self, update: Update) -> None:
         """Account for ``update`` leaving history (its topic's list already let it go)."""
@@ -297,15 +314,17 @@ class MemoryHub:
             now = time.monotonic()
         closed = self._closed
         horizon = now - self.resume_window_s
-        while closed:
-            topic, at = next(iter(closed.items()))
-            if at > horizon:
-                break
-            del closed[topic]
-            self._drop_topic(topic)
-            if self.on_forget is not None:
-                self.on_forget(topic)
+        while closed and next(iter(closed.values())) <= horizon:
+            self._forget_oldest_closed()
         self._expire(now)
+
+    def _forget_oldest_closed(self) -> None:
+        topic = next(iter(self._closed))
+        del self._closed[topic]
+        self.held_bytes -= self.closed_topic_bytes
+        self._drop_topic(topic)
+        if self.on_forget is not None:
+            self.on_forget(topic)
 
     def _expire(self, now: float) -> None:
         horizon = now - self.history_age_s
@@ -427,8 +446,10 @@ class MemoryHub:
         generation); they may keep their connections for another request."""
         if self._pending:
             self.flush()
-        self._closed.pop(topic, None)
+        if self._closed.pop(topic, None) is None:
+            self.held_bytes += self.closed_topic_bytes
         self._closed[topic] = time.monotonic()
+        self._shrink()
         for sub in tuple(self._exact.get(topic, ())):
             if sub.selectors == (topic,):
                 sub.stream.finish(reason)

@@ -555,7 +555,7 @@ async def test_subscriber_arriving_before_the_flush_gets_each_update_once() -> N
 
 def _held_cost(hub: MemoryHub) -> int:
     """What the hub should say it holds, recounted from scratch."""
-    total = 0
+    total = len(hub._closed) * hub.closed_topic_bytes
     for topic, held in hub._topics.items():
         total += memory.TOPIC_OVERHEAD + len(topic)
         total += sum(memory.update_cost(u) for u in held)
@@ -690,3 +690,18 @@ def test_indexes_stay_consistent(
             _check_indexes(hub)
 
     asyncio.run(run())
+
+
+async def test_closed_topics_count_and_give_way_past_the_budget() -> None:
+    """Remembering ended topics costs memory too: it counts against the budget, history
+    makes room for it, and at a rate of generations that nothing else could hold, the
+    oldest are forgotten before their window ends: memory stays bounded whatever comes."""
+    hub = MemoryHub(history_bytes=50 * memory.CLOSED_OVERHEAD, resume_window_s=3600)
+    forgotten: list[str] = []
+    hub.on_forget = forgotten.append
+    for g in range(200):
+        hub.dispatch(hub.make_update((f"streams/g{g}",), "d", id=f"g{g}:0", final=True))
+        assert hub.held_bytes <= hub.history_bytes
+        _check_indexes(hub)
+    assert 0 < len(hub._closed) <= 50 and hub.is_closed("streams/g199")
+    assert forgotten[:3] == ["streams/g0", "streams/g1", "streams/g2"]  # oldest first
