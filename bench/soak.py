@@ -277,6 +277,34 @@ def write_chart() -> Path | None:
     return out
 
 
+def write_table() -> Path:
+    """bench/results/SOAK.md: one row per label (the newest run of each)."""
+    rows = [
+        "| run | when | minutes | gen/s | RSS rest | 1 min | end | peak | after load "
+        "| end / 1 min | flat (≤ 1.10) | peak ≤ rest + budget | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted(RESULTS.glob("soak_*.json")):
+        r = json.loads(path.read_text())
+        minutes = r["samples"][-1]["t_s"] / 60
+        rows.append(
+            f"| {r['label']} | {r['when']} | {minutes:.1f} | {r['generations_per_s']} "
+            f"| {r['rss_rest_mib']} | {r['rss_1min_mib']} | {r['rss_end_mib']} "
+            f"| {r['rss_peak_mib']} | {r['rss_after_load_mib']} | {r['end_over_1min']} "
+            f"| {'yes' if r['flat'] else 'NO'} | {'yes' if r['under_budget'] else 'NO'} "
+            f"| {r['stopped_early'] or ''} |"
+        )
+    out = RESULTS / "SOAK.md"
+    text = (
+        "# Soak: server RSS (MiB) over a long run of generations\n\n"
+        "Generations of 100 tokens read to `[DONE]`, started open-loop at half the "
+        "process's capacity; server on core 0, driver on core 1 (`python -m bench.soak`). "
+        "Budget: `--history-bytes` (default 256 MiB). Chart: `soak_rss.png`.\n\n"
+    )
+    out.write_text(text + "\n".join(rows) + "\n")
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--minutes", type=float, default=3.0)
@@ -322,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"soak_{args.label}.json").write_text(json.dumps(result, indent=1) + "\n")
     chart = write_chart()
+    write_table()
     summary = {k: v for k, v in result.items() if k != "samples"}
     print(json.dumps(summary))
     say(

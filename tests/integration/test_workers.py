@@ -324,3 +324,32 @@ async def test_metrics_are_summed_over_workers(tmp_path: Path) -> None:
         for _ in range(6):
             value = await _metrics_sample(sup.port, name)
             assert value >= 60, f"{name} = {value}: a scrape saw one worker's counts only"
+
+
+async def test_gauges_are_summed_over_workers_at_the_moment_of_the_scrape(
+    tmp_path: Path,
+) -> None:
+    """Open streams on both workers: every scrape, whichever worker answers it, sees all
+    of them at once, and none once they are closed (each worker keeps its gauges true as
+    streams open and close, not on a timer)."""
+    with workers_running(tmp_path) as sup:
+        await await_workers(sup, 2, within=20)
+        subs = []
+        for i in range(20):
+            client = await RawClient.connect(sup.port)
+            client.request("GET", f"/.well-known/mercure?topic=gauge-{i}")
+            assert (await client.head(10.0)).status == 200
+            subs.append(client)
+        name = 'sseserver_open_streams{kind="subscription"}'
+        try:
+            for _ in range(6):
+                assert await _metrics_sample(sup.port, name) == 20
+                assert await _metrics_sample(sup.port, "sseserver_open_connections") >= 21
+        finally:
+            for client in subs:
+                await client.close()
+        for _ in range(200):  # bounded: each worker learns of the closes from the kernel
+            if await _metrics_sample(sup.port, name) == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert await _metrics_sample(sup.port, name) == 0
