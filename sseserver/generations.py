@@ -93,7 +93,10 @@ Observer = Callable[[Generation, str], None]
 
 # What an ended generation's record weighs while it waits out the resume window (the
 # record, its empty viewer set, its id and topic strings, its table entry): measured.
-ENDED_RECORD_BYTES = 640
+ENDED_RECORD_BYTES = 480
+# The viewers of every ended generation (none: ``join`` never attaches to one). Shared,
+# so each record does not keep an empty set of its own; viewers leaving only discard.
+NO_VIEWERS: set[EventStream] = set()
 
 
 class Generations:
@@ -290,6 +293,14 @@ class Generations:
                     pass
 
     async def _produce(self, gen: Generation) -> None:
+        try:
+            await self._relay(gen)
+        finally:
+            # Done: let the task (and its coroutine) go, so an ended generation kept for
+            # the resume window holds only its record (``task is None``: it has ended).
+            gen.task = None
+
+    async def _relay(self, gen: Generation) -> None:
         first_at: float | None = None
         error: dict[str, Any] | None = None
         assert gen.request is not None
@@ -360,6 +371,7 @@ class Generations:
         for stream in gen.viewers:
             stream.log.setdefault("ttft_ms", ttft)
             stream.log.setdefault("tokens", gen.tokens)
+        gen.viewers = NO_VIEWERS  # an ended generation takes none: one shared empty set
         self._running.pop(gen.id, None)
         self._ended[gen.id] = gen
         gen.request = None  # what a resume needs is its id, seq and owner
