@@ -10,6 +10,8 @@ FUZZ_EXAMPLES ?= 2000
 FUZZ_TESTS := tests/protocol/test_hardening.py::test_fuzzed_requests_never_crash_hang_or_leak \
 	tests/unit/test_providers_openai_fast.py
 SOAK_MINUTES ?= 30
+# The same load on a server that keeps nothing: the RSS the budget comes on top of.
+NO_HISTORY := --server-arg=--history-bytes=1 --server-arg=--resume-window-s=0
 
 .PHONY: run test test-unit test-protocol test-integration lint bench bench-full soak fuzz clean
 
@@ -49,10 +51,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run --quick
+	$(PY) -m bench.soak --minutes 1 --label no-history $(NO_HISTORY)
 	$(PY) -m bench.soak --minutes 3
 
 # Generations at half the process's capacity for SOAK_MINUTES: RSS must stay flat.
 soak: $(STAMP)
+	$(PY) -m bench.soak --minutes 2 --label no-history $(NO_HISTORY)
 	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
 
 # A long randomised campaign over the property-based tests: rounds of FUZZ_EXAMPLES
