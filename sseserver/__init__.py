@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .chunked import LAST_CHUNK, Frame, frame
 from .config import Config
-from .errors import ClientGone, HTTPError, SSEServerError
-from .sse import ServerSentEvent, encode_comment, encode_event, encode_retry
+from .wire.chunked import LAST_CHUNK, Frame, frame
+from .wire.errors import ClientGone, HTTPError, SSEServerError
+from .wire.sse import ServerSentEvent, encode_comment, encode_event, encode_retry
 
 __all__ = [
     "LAST_CHUNK",

@@ -12,23 +12,23 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from .app import Application
-from .auth import Authenticator
 from .config import Config, MiB, load_config
-from .context import Context, configured_providers
 from .generations import Generation, Generations
+from .http.loops import loop_factory
+from .http.server import Server
+from .http.stream import EventStream
+from .http.workers import supervise
 from .hub.memory import MemoryHub
 from .hub.presence import RedisPresence
 from .hub.redis import RedisHub
 from .logs import configure_logging
-from .loops import loop_factory
 from .metrics import MULTIPROC_ENV, Metrics, disconnect_reason, stream_kind
-from .middleware import CORS, Guard, request_id
-from .ratelimit import ClientAddress, ConcurrencyLimiter, WindowLimiter
 from .routes import compat, mercure, ops, streams
-from .server import Server
-from .stream import EventStream
-from .workers import supervise
+from .web.app import Application
+from .web.auth import Authenticator
+from .web.context import Context, configured_providers
+from .web.middleware import CORS, Guard, request_id
+from .web.ratelimit import ClientAddress, ConcurrencyLimiter, WindowLimiter
 
 log = logging.getLogger("sseserver")
 

@@ -19,13 +19,13 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import ids
-from .errors import ClientGone
+from .http.stream import EventStream
 from .hub.base import Subscription
 from .hub.memory import MemoryHub
 from .hub.presence import RedisPresence
 from .providers.base import GenerationRequest, Provider, ProviderError
-from .stream import EventStream
+from .wire import ids
+from .wire.errors import ClientGone
 
 log = logging.getLogger("sseserver.generations")
 

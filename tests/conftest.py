@@ -22,7 +22,7 @@ from hypothesis import settings
 
 from sseserver.cli import make_server
 from sseserver.config import Config
-from sseserver.server import Server
+from sseserver.http.server import Server
 
 # Property-based tests: `make test` draws the same examples on every run (a fixed seed,
 # no example database), so CI never passes or fails by luck; `make fuzz` selects the

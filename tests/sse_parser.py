@@ -2,7 +2,7 @@
 ("Server-sent events" §9.2.5 "Parsing an event stream" and §9.2.6 "Interpreting an event
 stream"), so that tests check our bytes the way a browser's ``EventSource`` reads them.
 
-It is deliberately independent of ``sseserver.sse``: sharing code with the encoder would
+It is deliberately independent of ``sseserver.wire.sse``: sharing code with the encoder would
 let one bug hide the other.
 
 Usage::

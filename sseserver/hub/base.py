@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol
 
-from ..chunked import Frame
-from ..sse import encode_event
-from ..stream import EventStream
+from ..http.stream import EventStream
+from ..wire.chunked import Frame
+from ..wire.sse import encode_event
 
 EARLIEST = "earliest"  # Mercure's reserved Last-Event-ID: replay everything held
 

@@ -20,7 +20,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from ..chunked import Frame
+from ..wire.chunked import Frame
 from .base import EARLIEST, Subscription, Update, build_frame
 
 SWEEP_EVERY = 63  # also sweep once per 64 updates (a bit mask), between timer ticks

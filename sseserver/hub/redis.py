@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
-from ..chunked import Frame
+from ..wire.chunked import Frame
 from .base import Update, stop_tasks
 from .memory import MemoryHub, MiB
 

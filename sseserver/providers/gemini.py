@@ -39,7 +39,7 @@ import httpx
 from google import genai
 from google.genai import errors, types
 
-from sseserver.providers.base import (
+from .base import (
     BadRequest,
     Delta,
     GenerationRequest,
@@ -50,7 +50,7 @@ from sseserver.providers.base import (
     UpstreamTimeout,
     Usage,
 )
-from sseserver.providers.pool import upstream_pool
+from .pool import upstream_pool
 
 PLACEHOLDER_API_KEY = "no-key-required"
 

@@ -22,8 +22,8 @@ import openai
 from openai import AsyncStream
 from openai.types.chat import ChatCompletionChunk
 
-from sseserver.providers.base import Delta, GenerationRequest, ProviderError
-from sseserver.providers.openai_wire import (
+from .base import Delta, GenerationRequest, ProviderError
+from .openai_wire import (
     PLACEHOLDER_API_KEY,
     TRANSPORT_ERRORS,
     ChunkReader,

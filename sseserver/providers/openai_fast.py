@@ -37,8 +37,8 @@ from typing import Any
 
 import httpx
 
-from sseserver.providers.base import Delta, GenerationRequest
-from sseserver.providers.openai_wire import (
+from .base import Delta, GenerationRequest
+from .openai_wire import (
     TRANSPORT_ERRORS,
     ChunkReader,
     OpenAIBase,

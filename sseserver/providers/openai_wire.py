@@ -32,7 +32,7 @@ from typing import Any
 import anyio
 import httpx
 
-from sseserver.providers.base import (
+from .base import (
     BadRequest,
     Delta,
     GenerationRequest,
@@ -43,7 +43,7 @@ from sseserver.providers.base import (
     UpstreamTimeout,
     Usage,
 )
-from sseserver.providers.pool import upstream_pool
+from .pool import upstream_pool
 
 PLACEHOLDER_API_KEY = "sk-no-key-required"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"  # the SDK's, when neither flag nor env says

@@ -15,13 +15,14 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from .. import ids
-from ..app import Application
-from ..context import Context
-from ..errors import HTTPError, error_body
+from ..http.request import Request
+from ..http.stream import EventStream
 from ..metrics import Metrics
 from ..providers.base import Delta, Message, Provider, ProviderError, Usage
-from ..stream import EventStream, Request
+from ..web.app import Application
+from ..web.context import Context
+from ..wire import ids
+from ..wire.errors import HTTPError, error_body
 from .streams import build_request, json_body, parse_messages
 
 DONE = b"data: [DONE]\n\n"

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 from urllib.parse import parse_qs
 
-from ..app import Application
-from ..context import Context
-from ..errors import HTTPError
+from ..http.request import Request
+from ..http.stream import EventStream
 from ..hub.base import EARLIEST, Subscription, any_match
-from ..stream import EventStream, Request
+from ..web.app import Application
+from ..web.context import Context
+from ..wire.errors import HTTPError
 from .streams import last_event_id
 
 PATH = "/.well-known/mercure"

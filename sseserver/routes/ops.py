@@ -5,10 +5,11 @@ from __future__ import annotations
 import mimetypes
 from pathlib import Path
 
-from ..app import Application
-from ..context import Context
-from ..errors import HTTPError
-from ..stream import EventStream, Request
+from ..http.request import Request
+from ..http.stream import EventStream
+from ..web.app import Application
+from ..web.context import Context
+from ..wire.errors import HTTPError
 
 PACKAGE_STATIC = Path(__file__).resolve().parent.parent / "static"
 MAX_STATIC_FILE = 4 * 1024 * 1024

@@ -9,14 +9,15 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from ..app import Application
-from ..auth import Claims
-from ..context import Context
-from ..errors import HTTPError
 from ..generations import DONE, Generation, parse_event_id, topic_of
+from ..http.request import Request
+from ..http.stream import EventStream
 from ..hub.base import EARLIEST, Subscription, any_match
 from ..providers.base import BadRequest, GenerationRequest, Message, Provider
-from ..stream import EventStream, Request
+from ..web.app import Application
+from ..web.auth import Claims
+from ..web.context import Context
+from ..wire.errors import HTTPError
 
 ROLES = ("system", "user", "assistant")
 # How long a resume waits for an id that another instance may not have forwarded yet.

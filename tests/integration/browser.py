@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
 import sseserver.cli
-from sseserver.context import Context
-from sseserver.protocol import HTTPProtocol
+from sseserver.http.protocol import HTTPProtocol
+from sseserver.http.server import Server
 from sseserver.providers.synthetic import token_text
-from sseserver.server import Server
+from sseserver.web.context import Context
 from tests.conftest import require, require_binary, running_server
 
 try:

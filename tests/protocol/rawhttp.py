@@ -25,10 +25,10 @@ from unittest import mock
 import h11
 
 from sseserver import cli
-from sseserver.app import Application
 from sseserver.config import Config
-from sseserver.context import Context
-from sseserver.server import Server
+from sseserver.http.server import Server
+from sseserver.web.app import Application
+from sseserver.web.context import Context
 from tests.sse_parser import Event, SSEParser
 
 HOST = "127.0.0.1"

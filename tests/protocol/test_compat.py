@@ -17,8 +17,8 @@ import pytest
 from openai import AsyncOpenAI
 
 from sseserver.config import parse_rate
+from sseserver.http.server import Server
 from sseserver.providers.synthetic import token_text
-from sseserver.server import Server
 from tests.conftest import running_server
 from tests.sse_parser import SSEParser
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from sseserver.generations import Generation
-from sseserver.server import Server
+from sseserver.http.server import Server
 from tests.protocol.rawhttp import RawClient, SSEReader, app_server, eventually, open_stream
 
 pytestmark = pytest.mark.timeout(30)

@@ -19,8 +19,8 @@ from contextlib import asynccontextmanager
 import pytest
 
 from sseserver.generations import Generation
-from sseserver.protocol import HTTPProtocol
-from sseserver.server import Server
+from sseserver.http.protocol import HTTPProtocol
+from sseserver.http.server import Server
 from tests.protocol.rawhttp import HOST, app_server, eventually, open_stream
 from tests.sse_parser import SSEParser
 

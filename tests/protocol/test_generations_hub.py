@@ -16,10 +16,10 @@ from contextlib import AsyncExitStack
 
 import pytest
 
-from sseserver.context import Context
 from sseserver.generations import Generation, topic_of
 from sseserver.providers.base import Delta, GenerationRequest, Provider
 from sseserver.providers.synthetic import token_text
+from sseserver.web.context import Context
 from tests.protocol.rawhttp import (
     RawClient,
     SSEReader,

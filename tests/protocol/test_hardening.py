@@ -40,9 +40,9 @@ from hypothesis import strategies as st
 
 from sseserver.cli import make_server
 from sseserver.config import Config
-from sseserver.protocol import HTTPProtocol
-from sseserver.server import Server
-from sseserver.stream import EventStream
+from sseserver.http.protocol import HTTPProtocol
+from sseserver.http.server import Server
+from sseserver.http.stream import EventStream
 from tests.conftest import ROOT, running_server
 from tests.sse_parser import SSEParser
 

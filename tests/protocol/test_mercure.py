@@ -23,8 +23,8 @@ from urllib.parse import urlencode
 import jwt
 import pytest
 
-from sseserver.protocol import HTTPProtocol
-from sseserver.server import Server
+from sseserver.http.protocol import HTTPProtocol
+from sseserver.http.server import Server
 from tests.protocol.rawhttp import (
     HOST,
     RawClient,

@@ -1,4 +1,4 @@
-"""sseserver.auth without sockets: where a token is taken from, which tokens are accepted
+"""sseserver.web.auth without sockets: where a token is taken from, which tokens are accepted
 (HS256 secret; RS256/ES256 public key as PEM text or a path) and which are refused (401
 with ``WWW-Authenticate``), and how Mercure claims are read. Keys are generated here."""
 
@@ -15,9 +15,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from sseserver.auth import LEEWAY_S, Authenticator, Claims, token_from
-from sseserver.errors import HTTPError
-from sseserver.stream import Request
+from sseserver.http.request import Request
+from sseserver.web.auth import LEEWAY_S, Authenticator, Claims, token_from
+from sseserver.wire.errors import HTTPError
 from tests.jwt_keys import b64url, public_pem
 
 SECRET = "unit-test-secret-that-is-long-enough-for-hs256"

@@ -1,4 +1,4 @@
-"""sseserver.chunked: exact chunk bytes, and h11 as the oracle.
+"""sseserver.wire.chunked: exact chunk bytes, and h11 as the oracle.
 
 The server lets h11 write the response head and the terminator and writes the chunks in
 between itself (STYLE.md, "h11 with hand-written chunk framing"). That relies on h11
@@ -23,8 +23,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sseserver.chunked import LAST_CHUNK, Frame, frame
-from sseserver.sse import encode_comment, encode_event
+from sseserver.wire.chunked import LAST_CHUNK, Frame, frame
+from sseserver.wire.sse import encode_comment, encode_event
 from tests.sse_parser import Event, SSEParser
 
 Buffer = bytes | bytearray | memoryview

@@ -16,11 +16,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sseserver.chunked import Frame
+from sseserver.http.stream import EventStream
 from sseserver.hub import memory
 from sseserver.hub.base import EARLIEST, Subscription, Update, selector_matches
 from sseserver.hub.memory import MemoryHub
-from sseserver.stream import EventStream
+from sseserver.wire.chunked import Frame
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 
-from sseserver import ids
+from sseserver.wire import ids
 
 
 def test_formats_match_secrets() -> None:

@@ -27,11 +27,11 @@ from hypothesis import strategies as st
 from openai._streaming import SSEDecoder
 
 from sseserver.config import Config
-from sseserver.context import configured_providers
 from sseserver.providers.base import Delta, ProviderError
 from sseserver.providers.openai import OpenAIProvider
 from sseserver.providers.openai_fast import EventDecoder, FastOpenAIProvider
 from sseserver.providers.synthetic import SyntheticProvider
+from sseserver.web.context import configured_providers
 from tests.unit.test_providers_openai import (
     BASE_URL,
     RECORDED,

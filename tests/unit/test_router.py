@@ -1,4 +1,4 @@
-"""sseserver.app: the router (exact paths, ``{name}`` segments, 404) and the application's
+"""sseserver.web.app: the router (exact paths, ``{name}`` segments, 404) and the application's
 answers for a known path with the wrong method (405 with ``Allow``, incl. HEAD/OPTIONS),
 OPTIONS (204 with ``Allow``) and HEAD (served by the GET handler). No sockets: the
 response is captured by a fake connection channel."""
@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 
-from sseserver.app import Application, Router
-from sseserver.errors import HTTPError
-from sseserver.flow import FlowControl
-from sseserver.stream import EventStream, HeaderList, Request, StreamRegistry
+from sseserver.http.flow import FlowControl
+from sseserver.http.heartbeat import StreamRegistry
+from sseserver.http.request import HeaderList, Request
+from sseserver.http.stream import EventStream
+from sseserver.web.app import Application, Router
+from sseserver.wire.errors import HTTPError
 
 
 async def _handler_a(request: Request, stream: EventStream) -> None:

@@ -1,4 +1,4 @@
-"""sseserver.sse: exact wire bytes (tables, like h11's SIMPLE_CASES), refusals, and
+"""sseserver.wire.sse: exact wire bytes (tables, like h11's SIMPLE_CASES), refusals, and
 round-trip properties through an independent WHATWG parser (tests/sse_parser.py), which is
 itself checked here against the standard's own examples."""
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sseserver.sse import ServerSentEvent, encode_comment, encode_event, encode_retry
+from sseserver.wire.sse import ServerSentEvent, encode_comment, encode_event, encode_retry
 from tests.sse_parser import Event, SSEParser, parse
 
 # --------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
-from .errors import HTTPError
-from .stream import EventStream, Request
+from ..http.request import Request
+from ..http.stream import EventStream
+from ..wire.errors import HTTPError
 
 Handler = Callable[[Request, EventStream], Awaitable[None]]
 Middleware = Callable[[Request, EventStream, Handler], Awaitable[None]]

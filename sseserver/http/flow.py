@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .errors import ClientGone
+from ..wire.errors import ClientGone
 
 
 class FlowControl:

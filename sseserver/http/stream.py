@@ -2,7 +2,7 @@
 
 ``EventStream`` writes straight to the transport (``transport.write`` is synchronous, so
 frames written from the loop never interleave and no lock is needed). Heartbeats for all
-streams come from ONE shared ``StreamRegistry`` tick, never a timer per stream.
+streams come from ONE shared ``StreamRegistry`` tick (``heartbeat.py``).
 
 Slow readers (SPEC §5): the transport pauses writing past ``write_buffer_bytes``. A
 producer that owns its stream (one LLM answer) awaits ``drain()`` and so throttles the
@@ -14,26 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal, Protocol
-from urllib.parse import parse_qs
 
-from .chunked import Frame, frame
-from .errors import error_body
+from ..wire.chunked import Frame, frame
+from ..wire.errors import error_body
+from ..wire.sse import encode_comment, encode_event, encode_retry
 from .flow import FlowControl
-from .sse import encode_comment, encode_event, encode_retry
+from .heartbeat import StreamRegistry
+from .request import HeaderList, Request
 
-HeaderList = list[tuple[bytes, bytes]]
 OnFull = Literal["wait", "drop"]
-
-PING = Frame.of(encode_comment("ping"))
-TOKEN_EXPIRED = encode_event(
-    '{"code":"token_expired","message":"access token expired","retryable":true}', event="error"
-)
 
 
 @lru_cache(maxsize=64)
@@ -52,59 +44,6 @@ STREAM_HEADERS: HeaderList = [
     # nginx honours this per response: no proxy buffering of the stream.
     (b"x-accel-buffering", b"no"),
 ]
-
-
-@dataclass(slots=True)
-class Request:
-    """A parsed request head plus its (size-checked) body."""
-
-    method: str
-    target: str
-    path: str
-    query_string: str
-    headers: HeaderList
-    http_version: str
-    body: bytes = b""
-    client: tuple[str, int] | None = None
-    received_at: float = 0.0
-    params: dict[str, str] = field(default_factory=dict)  # from the route's {name} parts
-    claims: Any = None  # set by the auth middleware: the caller's verified JWT claims
-    id: str = ""  # request id (X-Request-ID from the proxy, or generated)
-    _query: dict[str, list[str]] | None = field(default=None, repr=False)
-
-    def header(self, name: str) -> str | None:
-        """First value of header ``name`` (lower case), decoded as latin-1."""
-        key = name.encode("ascii")
-        for k, v in self.headers:
-            if k == key:
-                return v.decode("latin-1")
-        return None
-
-    def header_values(self, name: str) -> list[str]:
-        key = name.encode("ascii")
-        return [v.decode("latin-1") for k, v in self.headers if k == key]
-
-    @property
-    def query(self) -> dict[str, list[str]]:
-        if self._query is None:
-            self._query = parse_qs(self.query_string, keep_blank_values=True)
-        return self._query
-
-    def query_param(self, name: str, default: str | None = None) -> str | None:
-        values = self.query.get(name)
-        return values[0] if values else default
-
-    def json(self) -> Any:
-        """The body parsed as JSON. Raises ValueError when it is not."""
-        return json.loads(self.body)
-
-    def release(self) -> None:
-        """Drop what only the handler needed (headers, body, parsed query): a stream
-        that outlives its handler keeps just what its log line names. Browsers send a
-        dozen headers, a kilobyte or two that thousands of idle streams would hold."""
-        self.headers = []
-        self.body = b""
-        self._query = None
 
 
 class Channel(Protocol):
@@ -346,111 +285,3 @@ class EventStream:
         callbacks, self._on_close = self._on_close, None
         for callback in callbacks or ():
             callback(self)
-
-
-class StreamRegistry:
-    """All open streams of one server, and the one shared timer that pings idle ones.
-
-    The tick runs several times per heartbeat interval; each stream counts ticks since its
-    last write (an int store on the hot path, no clock read), and gets ``: ping`` once it
-    has been idle for a whole interval.
-    """
-
-    TICKS_PER_HEARTBEAT = 5
-    LINGER_S = 2.0  # time a dropped slow reader gets to take its last comment
-
-    def __init__(
-        self, heartbeat_s: float, *, max_stream_s: float = 0.0, retry_ms: int = 2000
-    ) -> None:
-        self.heartbeat_s = heartbeat_s
-        self.max_stream_s = max_stream_s
-        self.retry_ms = retry_ms
-        self.streams: set[EventStream] = set()
-        self._lingering: list[tuple[float, EventStream]] = []
-        self._handle: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.pings_sent = 0
-        self.ticks = 0
-        self.on_tick: Callable[[], None] | None = None
-        # Told of each stream opening (+1) and ending (-1): gauges true at any moment.
-        self.on_count: Callable[[EventStream, int], None] | None = None
-
-    def add(self, stream: EventStream) -> None:
-        self.streams.add(stream)
-        if self.on_count is not None:
-            self.on_count(stream, 1)
-
-    def discard(self, stream: EventStream) -> None:
-        if stream in self.streams:
-            self.streams.remove(stream)
-            if self.on_count is not None:
-                self.on_count(stream, -1)
-
-    def deadline(self) -> float:
-        """When a stream opened now must end: ``max_stream_s`` less up to 10 %, at random,
-        so that a fleet of clients does not reconnect all at once."""
-        if self.max_stream_s <= 0:
-            return 0.0
-        return time.monotonic() + self.max_stream_s * random.uniform(0.9, 1.0)
-
-    def linger(self, stream: EventStream) -> None:
-        self._lingering.append((time.monotonic() + self.LINGER_S, stream))
-
-    @property
-    def tick_s(self) -> float:
-        return self.heartbeat_s / self.TICKS_PER_HEARTBEAT
-
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._schedule()
-
-    def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-    def _schedule(self) -> None:
-        assert self._loop is not None
-        self._handle = self._loop.call_later(self.tick_s, self._tick)
-
-    def _tick(self) -> None:
-        self.ticks += 1
-        due = self.TICKS_PER_HEARTBEAT
-        now = time.monotonic()
-        for stream in list(self.streams):
-            if stream.deadline and stream.deadline <= now:
-                self._expire(stream)
-                continue
-            stream.idle_ticks += 1
-            if stream.idle_ticks >= due:
-                if stream.write_frame(PING):
-                    self.pings_sent += 1
-        if self.on_tick is not None:
-            self.on_tick()
-        if self._lingering:
-            keep = []
-            for deadline, stream in self._lingering:
-                if deadline <= now:
-                    stream.abort_connection()
-                else:
-                    keep.append((deadline, stream))
-            self._lingering = keep
-        self._schedule()
-
-    def _expire(self, stream: EventStream) -> None:
-        if stream.deadline_reason == "token_expired":
-            stream.write(TOKEN_EXPIRED)
-        else:
-            # Maximum life reached: end cleanly and tell the client when to come back.
-            stream.write(encode_retry(self.retry_ms))
-        stream.close(stream.deadline_reason)
-
-    def broadcast(self, payload: bytes) -> None:
-        """Write the same payload to every open stream (framed once)."""
-        f = Frame.of(payload)
-        for stream in list(self.streams):
-            stream.write_frame(f)
-
-    def close_all(self, reason: str) -> None:
-        for stream in list(self.streams):
-            stream.close(reason)

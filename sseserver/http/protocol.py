@@ -25,13 +25,15 @@ from urllib.parse import unquote, urlsplit
 
 import h11
 
-from . import ids
-from .chunked import frame
-from .config import Config
-from .errors import ClientGone, HTTPError, error_body
+from ..config import Config
+from ..wire import ids
+from ..wire.chunked import frame
+from ..wire.errors import ClientGone, HTTPError, error_body
+from ..wire.sse import encode_event
 from .flow import FlowControl
-from .sse import encode_event
-from .stream import EventStream, HeaderList, Request, StreamRegistry
+from .heartbeat import StreamRegistry
+from .request import HeaderList, Request
+from .stream import EventStream
 
 App = Callable[[Request, EventStream], Awaitable[None]]
 

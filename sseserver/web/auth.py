@@ -12,8 +12,8 @@ from typing import Any
 
 import jwt
 
-from .errors import HTTPError
-from .stream import Request
+from ..http.request import Request
+from ..wire.errors import HTTPError
 
 COOKIE_NAMES = ("sseserver_token", "mercureAuthorization")
 LEEWAY_S = 5  # clock skew tolerated on exp/nbf

@@ -7,13 +7,14 @@ import re
 import time
 from collections.abc import Sequence
 
-from . import ids
+from ..http.request import Request
+from ..http.stream import EventStream
+from ..metrics import Metrics
+from ..wire import ids
+from ..wire.errors import HTTPError
 from .app import Handler
 from .auth import Authenticator
-from .errors import HTTPError
-from .metrics import Metrics
 from .ratelimit import ClientAddress, ConcurrencyLimiter, WindowLimiter
-from .stream import EventStream, Request
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 # The demo page and its files load without a token; the page passes one on its API calls.

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from .config import Config
-from .generations import Generations
-from .hub.memory import MemoryHub
-from .metrics import Metrics
-from .providers import load
-from .providers.base import Provider
+from ..config import Config
+from ..generations import Generations
+from ..hub.memory import MemoryHub
+from ..metrics import Metrics
+from ..providers import load
+from ..providers.base import Provider
 from .ratelimit import ConcurrencyLimiter
 
 log = logging.getLogger("sseserver")

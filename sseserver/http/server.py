@@ -8,9 +8,9 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 
-from .config import Config
+from ..config import Config
+from ..wire.sse import encode_retry
 from .protocol import App, HTTPProtocol, ServerState
-from .sse import encode_retry
 
 log = logging.getLogger("sseserver")
 

@@ -16,8 +16,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from .config import Rate
-from .stream import Request
+from ..config import Rate
+from ..http.request import Request
 
 MAX_TRACKED_KEYS = 100_000  # bound the table against a flood of distinct addresses
 LEASE_S = 30.0  # a shared stream slot outlives its instance by at most this long

@@ -1,0 +1,1 @@
+"""sseserver.wire"""
