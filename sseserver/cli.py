@@ -18,9 +18,8 @@ from .http.loops import loop_factory
 from .http.server import Server
 from .http.stream import EventStream
 from .http.workers import supervise
-from .hub.memory import MemoryHub
+from .hub import SharedHub, load_hub
 from .hub.presence import RedisPresence
-from .hub.redis import RedisHub
 from .logs import configure_logging
 from .metrics import MULTIPROC_ENV, Metrics, disconnect_reason, stream_kind
 from .routes import compat, mercure, ops, streams
@@ -38,24 +37,18 @@ GC_THRESHOLD = 50_000  # allocations between young collections (CPython's defaul
 def build(config: Config, environ: Mapping[str, str] | None = None) -> tuple[Application, Context]:
     """Wire the application for ``config`` (also used by tests and benchmarks)."""
     env = dict(os.environ if environ is None else environ)
-    hub: MemoryHub
-    budget, window = config.history_bytes, config.resume_window_s
-    if config.hub == "memory":
-        hub = MemoryHub(
-            config.history, config.history_age_s, history_bytes=budget, resume_window_s=window
-        )
-    else:
-        hub = RedisHub(
-            config.hub,
-            config.history,
-            config.history_age_s,
-            history_bytes=budget,
-            resume_window_s=window,
-        )
+    hub = load_hub(
+        config.hub,
+        history=config.history,
+        history_age_s=config.history_age_s,
+        history_bytes=config.history_bytes,
+        resume_window_s=config.resume_window_s,
+    )
     generations = Generations(hub, resume_grace_s=config.resume_grace_s)
     ctx = Context(config, hub, generations, configured_providers(config, env))
-    if isinstance(hub, RedisHub):
-        generations.share(RedisPresence(lambda: hub.redis, config.resume_grace_s))
+    shared = hub if isinstance(hub, SharedHub) else None
+    if shared is not None:  # an optional capability: presence across instances
+        generations.share(RedisPresence(lambda: shared.redis, config.resume_grace_s))
     generations.observer = observe_generation(ctx.metrics)
     app = Application()
     auth = Authenticator(
@@ -64,7 +57,7 @@ def build(config: Config, environ: Mapping[str, str] | None = None) -> tuple[App
         audience=config.jwt_audience,
         issuer=config.jwt_issuer,
     )
-    redis = getattr(hub, "redis", None)
+    redis = shared.redis if shared is not None else None
     if config.max_streams_per_subject:
         ctx.stream_limiter = ConcurrencyLimiter(config.max_streams_per_subject, redis)
     app.middlewares.append(request_id)

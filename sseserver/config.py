@@ -15,6 +15,11 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
+# What --hub accepts: each names a backend in sseserver.hub.HUBS (a test keeps the two
+# together).
+HUB_SCHEMES = ("memory", "redis", "rediss", "unix")
+
+
 @dataclass(frozen=True, slots=True)
 class Rate:
     """``count`` requests per ``window_s`` seconds."""
@@ -139,7 +144,8 @@ class Config:
             raise ValueError("--loop must be auto, asyncio or uvloop")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ValueError("--log-level must be debug, info, warning, error or critical")
-        if self.hub != "memory" and not self.hub.startswith(("redis://", "rediss://", "unix://")):
+        scheme = self.hub.partition("://")[0] if "://" in self.hub else self.hub
+        if scheme not in HUB_SCHEMES or (scheme != "memory" and "://" not in self.hub):
             raise ValueError("--hub must be 'memory' or a redis:// URL")
         return self
 

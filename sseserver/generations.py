@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .http.stream import EventStream
-from .hub.base import Subscription
-from .hub.memory import MemoryHub
+from .hub.base import Hub, Subscription
 from .hub.presence import RedisPresence
 from .providers.base import GenerationRequest, Provider, ProviderError
 from .wire import ids
@@ -104,7 +103,7 @@ class Generations:
 
     def __init__(
         self,
-        hub: MemoryHub,
+        hub: Hub,
         *,
         resume_grace_s: float = 0.0,
         observer: Observer | None = None,

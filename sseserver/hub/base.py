@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ..http.stream import EventStream
 from ..wire.chunked import Frame
@@ -107,9 +107,41 @@ class Subscription:
 
 
 class Hub(Protocol):
-    """The interface the application uses; memory and Redis backends implement it."""
+    """What generations, routes and the composition root use of a hub; every backend
+    implements it (``memory``; ``redis`` keeps a memory hub as its local mirror)."""
+
+    # What history holds now (bytes, by the budget's count), and what remembering one
+    # closed topic costs (a listener of closed topics adds its own share).
+    held_bytes: int
+    closed_topic_bytes: int
+    # Called with each closed topic forgotten after the resume window (or the budget).
+    on_forget: Callable[[str], None] | None
+
+    @property
+    def ready(self) -> bool: ...
 
     async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    def make_update(
+        self,
+        topics: tuple[str, ...],
+        data: str | None,
+        *,
+        id: str | None = None,
+        event: str | None = None,
+        retry: int | None = None,
+        private: bool = False,
+        final: bool = False,
+        owner: str | None = None,
+    ) -> Update:
+        """Encode and frame once. Raises ValueError for an invalid id, event or topic."""
+        ...
+
+    def dispatch(self, update: Update) -> None:
+        """Keep ``update`` and write it now to every subscriber that wants it."""
+        ...
 
     async def publish(
         self,
@@ -120,29 +152,52 @@ class Hub(Protocol):
         event: str | None = None,
         retry: int | None = None,
         private: bool = False,
-    ) -> str: ...
+    ) -> str:
+        """Publish one update; its id. Raises ConnectionError when the hub is away."""
+        ...
 
     async def subscribe(
-        self,
-        subscription: Subscription,
-        last_event_id: str | None,
+        self, subscription: Subscription, last_event_id: str | None
     ) -> tuple[list[Update], bool]:
-        """Attach ``subscription``; returns (updates to replay, whether the id was found).
-        Called with the stream already started; writes happen from the hub afterwards."""
+        """Replay what ``subscription`` missed and attach it, with no await between;
+        (updates replayed, whether ``last_event_id`` was found)."""
         ...
+
+    def replay(
+        self, subscription: Subscription, last_event_id: str | None
+    ) -> tuple[list[Update], bool]: ...
+
+    def attach(self, subscription: Subscription) -> None: ...
 
     def unsubscribe(self, subscription: Subscription) -> None: ...
 
-    def last_id(self, topic: str) -> str | None: ...
+    def held(self, topic: str) -> list[Update]: ...
+
+    def get(self, event_id: str) -> Update | None: ...
+
+    async def knows(self, event_id: str, within_s: float) -> bool:
+        """Whether ``event_id`` is held, waiting up to ``within_s`` for one that another
+        instance may not have forwarded yet."""
+        ...
+
+    def last_id(self, topic: str | None = None) -> str | None: ...
+
+    def owner(self, topic: str) -> str | None: ...
+
+    def is_closed(self, topic: str) -> bool: ...
 
     def close_topic(self, topic: str, reason: str = "complete") -> None: ...
 
     def close_all(self, reason: str = "shutdown") -> None: ...
 
-    async def aclose(self) -> None: ...
+
+@runtime_checkable
+class SharedHub(Hub, Protocol):
+    """An optional capability: a hub shared by several instances through Redis, whose
+    client the rate limits share and on which generations keep presence."""
 
     @property
-    def ready(self) -> bool: ...
+    def redis(self) -> Any: ...
 
 
 OnPublish = Callable[[Update], None]

@@ -93,6 +93,21 @@ class MemoryHub:
         # Called with each closed topic forgotten after the resume window.
         self.on_forget: Callable[[str], None] | None = None
 
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        history: int,
+        history_age_s: float,
+        history_bytes: int,
+        resume_window_s: float,
+    ) -> MemoryHub:
+        """The registry's constructor (``memory`` takes nothing from its URL)."""
+        return cls(
+            history, history_age_s, history_bytes=history_bytes, resume_window_s=resume_window_s
+        )
+
     async def start(self) -> None:
         self._schedule_sweep()
 

@@ -1,10 +1,11 @@
 """The Redis hub: Redis Streams carry updates between processes and machines, and keep
 the history that a new instance loads at start.
 
-Every instance keeps a local mirror of the history (the in-memory hub), filled from the
-stream at start and by one reader task afterwards, so replay and attach stay synchronous
-(no update can slip between them). An update published here is written to Redis first
-and then delivered locally; the reader skips updates that came from this instance.
+Every instance keeps a local mirror of the history (an in-memory hub it has, not one it
+is), filled from the stream at start and by one reader task afterwards, so replay and
+attach stay synchronous (no update can slip between them). An update published here is
+written to Redis first and then delivered locally; the reader skips updates that came
+from this instance.
 
 When Redis goes away, publishing answers 503, local subscribers stay connected, and the
 reader resumes from the last entry it saw once Redis is back: nothing that Redis still
@@ -17,6 +18,7 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from typing import cast
 
 import redis.asyncio as aioredis
@@ -24,7 +26,7 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from ..wire.chunked import Frame
-from .base import Update, stop_tasks
+from .base import Subscription, Update, stop_tasks
 from .memory import MemoryHub, MiB
 
 log = logging.getLogger("sseserver.hub")
@@ -42,7 +44,10 @@ _Entry = tuple[bytes, dict[bytes, bytes]]
 _ReadReply = list[tuple[bytes, list[_Entry]]]  # [[stream key, entries], ...]
 
 
-class RedisHub(MemoryHub):
+class RedisHub:
+    """A hub shared through Redis Streams; local delivery and history go through its
+    memory hub (``local``), under the same budget."""
+
     def __init__(
         self,
         url: str,
@@ -54,7 +59,7 @@ class RedisHub(MemoryHub):
         stream_key: str = STREAM_KEY,
         max_len: int | None = None,
     ) -> None:
-        super().__init__(
+        self.local = MemoryHub(
             history, history_age_s, history_bytes=history_bytes, resume_window_s=resume_window_s
         )
         self.url = url
@@ -71,9 +76,110 @@ class RedisHub(MemoryHub):
         self._arrived = asyncio.Event()  # set, and replaced, after each batch read
         self._connected = False
 
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        history: int,
+        history_age_s: float,
+        history_bytes: int,
+        resume_window_s: float,
+    ) -> RedisHub:
+        """The registry's constructor."""
+        return cls(
+            url,
+            history,
+            history_age_s,
+            history_bytes=history_bytes,
+            resume_window_s=resume_window_s,
+        )
+
     @property
     def ready(self) -> bool:
         return self._connected
+
+    # -- the mirror's state and reads, as the Hub interface names them -------------------
+
+    @property
+    def held_bytes(self) -> int:
+        return self.local.held_bytes
+
+    @property
+    def closed_topic_bytes(self) -> int:
+        return self.local.closed_topic_bytes
+
+    @closed_topic_bytes.setter
+    def closed_topic_bytes(self, value: int) -> None:
+        self.local.closed_topic_bytes = value
+
+    @property
+    def on_forget(self) -> Callable[[str], None] | None:
+        return self.local.on_forget
+
+    @on_forget.setter
+    def on_forget(self, callback: Callable[[str], None] | None) -> None:
+        self.local.on_forget = callback
+
+    def make_update(
+        self,
+        topics: tuple[str, ...],
+        data: str | None,
+        *,
+        id: str | None = None,
+        event: str | None = None,
+        retry: int | None = None,
+        private: bool = False,
+        final: bool = False,
+        owner: str | None = None,
+    ) -> Update:
+        return self.local.make_update(
+            topics,
+            data,
+            id=id,
+            event=event,
+            retry=retry,
+            private=private,
+            final=final,
+            owner=owner,
+        )
+
+    async def subscribe(
+        self, subscription: Subscription, last_event_id: str | None
+    ) -> tuple[list[Update], bool]:
+        return await self.local.subscribe(subscription, last_event_id)
+
+    def replay(
+        self, subscription: Subscription, last_event_id: str | None
+    ) -> tuple[list[Update], bool]:
+        return self.local.replay(subscription, last_event_id)
+
+    def attach(self, subscription: Subscription) -> None:
+        self.local.attach(subscription)
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self.local.unsubscribe(subscription)
+
+    def held(self, topic: str) -> list[Update]:
+        return self.local.held(topic)
+
+    def get(self, event_id: str) -> Update | None:
+        return self.local.get(event_id)
+
+    def last_id(self, topic: str | None = None) -> str | None:
+        return self.local.last_id(topic)
+
+    def owner(self, topic: str) -> str | None:
+        return self.local.owner(topic)
+
+    def is_closed(self, topic: str) -> bool:
+        return self.local.is_closed(topic)
+
+    def close_topic(self, topic: str, reason: str = "complete") -> None:
+        self.local.close_topic(topic, reason)
+
+    def close_all(self, reason: str = "shutdown") -> None:
+        self.local.close_all(reason)
 
     @property
     def redis(self) -> aioredis.Redis | None:
@@ -81,6 +187,7 @@ class RedisHub(MemoryHub):
         return self._redis
 
     async def start(self) -> None:
+        await self.local.start()
         # The client made in __init__ is the one the rate limiters were given: keep it.
         try:
             await self._load_history()
@@ -95,7 +202,7 @@ class RedisHub(MemoryHub):
         tasks = [t for t in (self._reader, self._writer) if t is not None]
         if await stop_tasks(tasks, CLOSE_WAIT_S):
             log.warning("redis hub: background tasks did not stop in time")
-        self.close_all()
+        await self.local.aclose()
         if self._redis is not None:
             try:
                 await asyncio.wait_for(self._redis.aclose(), CLOSE_WAIT_S)
@@ -144,10 +251,10 @@ class RedisHub(MemoryHub):
             sse = raw[b"sse"]
             if not topics or not all(isinstance(t, str) and t for t in topics):
                 raise ValueError("bad topics")
-            if event_id in self._by_id:
+            if self.local.get(event_id) is not None:
                 return None  # already here (read twice across a reconnect)
             owner = raw.get(b"owner")
-            return self.update_of(
+            return self.local.update_of(
                 topics,
                 event_id,
                 Frame.of(sse),
@@ -180,13 +287,13 @@ class RedisHub(MemoryHub):
             )
         except CONNECTION_ERRORS as exc:
             raise ConnectionError(f"redis unavailable: {exc}") from exc
-        super().dispatch_soon(update)
+        self.local.dispatch_soon(update)
         await asyncio.sleep(0)  # the flush runs first: written when this returns
         return update.id
 
     def dispatch(self, update: Update) -> None:
         """Deliver here at once (no round trip on the token path), forward in order."""
-        super().dispatch(update)
+        self.local.dispatch(update)
         self._outbox.put_nowait(update)
 
     async def _write_forever(self) -> None:
@@ -230,7 +337,7 @@ class RedisHub(MemoryHub):
                 self._last_entry = entry_id.decode()
                 update = self._decode(raw)
                 if update is not None:
-                    super().dispatch(update)
+                    self.local.dispatch(update)
             if len(entries) < READ_COUNT:
                 return
             start = "(" + self._last_entry
@@ -264,7 +371,7 @@ class RedisHub(MemoryHub):
                         continue
                     update = self._decode(raw)
                     if update is not None:
-                        super().dispatch_soon(update)  # a batch read goes out joined
+                        self.local.dispatch_soon(update)  # a batch read goes out joined
             if result:
                 arrived, self._arrived = self._arrived, asyncio.Event()
                 arrived.set()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..config import Config
 from ..generations import Generations
-from ..hub.memory import MemoryHub
+from ..hub.base import Hub
 from ..metrics import Metrics
 from ..providers import load
 from ..providers.base import Provider
@@ -19,7 +19,7 @@ log = logging.getLogger("sseserver")
 @dataclass(slots=True)
 class Context:
     config: Config
-    hub: MemoryHub
+    hub: Hub
     generations: Generations
     providers: dict[str, Provider] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)

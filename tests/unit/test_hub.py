@@ -705,3 +705,14 @@ async def test_closed_topics_count_and_give_way_past_the_budget() -> None:
         _check_indexes(hub)
     assert 0 < len(hub._closed) <= 50 and hub.is_closed("streams/g199")
     assert forgotten[:3] == ["streams/g0", "streams/g1", "streams/g2"]  # oldest first
+
+
+def test_every_hub_scheme_config_accepts_has_a_backend() -> None:
+    from sseserver.config import HUB_SCHEMES
+    from sseserver.hub import HUBS, load_hub
+
+    assert set(HUBS) == set(HUB_SCHEMES)
+    hub = load_hub("memory", history=5, history_age_s=60, history_bytes=1 << 20, resume_window_s=1)
+    assert isinstance(hub, MemoryHub) and hub.history == 5 and hub.history_bytes == 1 << 20
+    with pytest.raises(ValueError, match="--hub"):
+        load_hub("postgres://x", history=5, history_age_s=60, history_bytes=1, resume_window_s=1)
