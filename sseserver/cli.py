@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
 
 from .config import Config, MiB, load_config
 from .generations import Generation, Generations
@@ -109,32 +110,39 @@ def observe_responses(server: Server, metrics: Metrics) -> None:
     state.streams.on_count = count_stream
 
 
-def make_server(config: Config, environ: Mapping[str, str] | None = None) -> Server:
+def compose(config: Config, environ: Mapping[str, str] | None = None) -> tuple[Server, Context]:
+    """The server for ``config`` and the application context behind it (tests and
+    benchmarks look inside it). What starts with the server stops with it, in reverse
+    order: one exit stack, not two lists kept in step by hand."""
     app, ctx = build(config, environ)
-
     presence = ctx.generations.presence
+    resources = AsyncExitStack()
 
     async def on_startup() -> None:
         await ctx.hub.start()
+        resources.push_async_callback(ctx.hub.aclose)
         if presence is not None:
             await presence.start()
+            resources.push_async_callback(presence.aclose)
+        if ctx.stream_limiter is not None:
+            resources.push_async_callback(ctx.stream_limiter.aclose)
+        for provider in ctx.providers.values():
+            resources.push_async_callback(provider.aclose)
 
     async def on_shutdown() -> None:
-        ctx.shutting_down = True
         await ctx.generations.shutdown(config.shutdown_grace_s)
         ctx.hub.close_all("shutdown")
-        for provider in ctx.providers.values():
-            await provider.aclose()
-        if presence is not None:
-            await presence.aclose()
-        if ctx.stream_limiter is not None:
-            await ctx.stream_limiter.aclose()
-        await ctx.hub.aclose()
+        await resources.aclose()
 
     server = Server(config, app, on_startup=on_startup, on_shutdown=on_shutdown)
+    ctx.server_state = server.state  # /readyz reads whether the server is shutting down
     observe_responses(server, ctx.metrics)
     observe_history(server, ctx)
-    return server
+    return server, ctx
+
+
+def make_server(config: Config, environ: Mapping[str, str] | None = None) -> Server:
+    return compose(config, environ)[0]
 
 
 def observe_history(server: Server, ctx: Context) -> None:

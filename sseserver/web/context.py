@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ..config import Config
 from ..generations import Generations
+from ..http.protocol import ServerState
 from ..hub.base import Hub
 from ..metrics import Metrics
 from ..providers import load
@@ -24,7 +25,12 @@ class Context:
     providers: dict[str, Provider] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
     stream_limiter: ConcurrencyLimiter | None = None  # --max-streams-per-subject
-    shutting_down: bool = False
+    server_state: ServerState | None = None  # the connections' shared state, once served
+
+    @property
+    def shutting_down(self) -> bool:
+        """The server's own flag (set as its shutdown begins), not a copy of it."""
+        return self.server_state is not None and self.server_state.shutting_down
 
     def provider(self, name: str | None) -> Provider | None:
         return self.providers.get(name or self.config.provider)

@@ -11,17 +11,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
-import sseserver.cli
 from sseserver.http.protocol import HTTPProtocol
 from sseserver.http.server import Server
 from sseserver.providers.synthetic import token_text
 from sseserver.web.context import Context
-from tests.conftest import require, require_binary, running_server
+from tests.conftest import require, require_binary
+from tests.protocol.rawhttp import app_server
 
 try:
     from playwright.async_api import async_playwright
@@ -71,27 +71,8 @@ async def chromium(profile_dir: Path) -> AsyncIterator[BrowserContext]:
             await context.close()
 
 
-@asynccontextmanager
-async def demo_server(**overrides: Any) -> AsyncIterator[tuple[Server, Context]]:
-    """``tests.conftest.running_server`` (the production composition of
-    ``sseserver.cli.make_server``), also handing back the application context that
-    ``sseserver.cli.build`` made for it."""
-    built: list[Context] = []
-    original = sseserver.cli.build
-
-    def capturing_build(*args: Any, **kwargs: Any) -> Any:
-        app, ctx = original(*args, **kwargs)
-        built.append(ctx)
-        return app, ctx
-
-    async with AsyncExitStack() as stack:
-        sseserver.cli.build = capturing_build
-        try:
-            server = await stack.enter_async_context(running_server(**overrides))
-        finally:
-            sseserver.cli.build = original
-        assert len(built) == 1, "make_server did not go through sseserver.cli.build"
-        yield server, built[0]
+# The production composition (``sseserver.cli.compose``) and its application context.
+demo_server = app_server
 
 
 def count_starts(ctx: Context) -> list[str]:

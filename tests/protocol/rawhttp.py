@@ -16,18 +16,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Self
-from unittest import mock
 
 import h11
 
 from sseserver import cli
 from sseserver.config import Config
 from sseserver.http.server import Server
-from sseserver.web.app import Application
 from sseserver.web.context import Context
 from tests.sse_parser import Event, SSEParser
 
@@ -41,22 +39,10 @@ READ_SIZE = 65536
 @asynccontextmanager
 async def app_server(**overrides: Any) -> AsyncIterator[tuple[Server, Context]]:
     """An in-process server on a free loopback port, composed exactly as production does
-    (``sseserver.cli.make_server``), plus a handle on its application ``Context``
+    (``sseserver.cli.compose``), plus a handle on its application ``Context``
     (generations, hub) for white-box assertions; shut down (phased) on exit."""
     config = replace(Config(), port=0, **overrides).validate()
-    contexts: list[Context] = []
-    real_build = cli.build
-
-    def build_and_keep(
-        config: Config, environ: Mapping[str, str] | None = None
-    ) -> tuple[Application, Context]:
-        app, ctx = real_build(config, environ)
-        contexts.append(ctx)
-        return app, ctx
-
-    with mock.patch.object(cli, "build", build_and_keep):
-        server = cli.make_server(config, environ={})
-    (ctx,) = contexts
+    server, ctx = cli.compose(config, environ={})
     await server.start()
     try:
         yield server, ctx
