@@ -25,6 +25,7 @@ class Request:
     client: tuple[str, int] | None = None
     received_at: float = 0.0
     params: dict[str, str] = field(default_factory=dict)  # from the route's {name} parts
+    route: Any = None  # set by the application's router: what the route declared
     claims: Any = None  # set by the auth middleware: the caller's verified JWT claims
     id: str = ""  # request id (X-Request-ID from the proxy, or generated)
     _query: dict[str, list[str]] | None = field(default=None, repr=False)

@@ -114,7 +114,7 @@ async def _first(deltas: AsyncIterator[Delta]) -> Delta | None:
 
 
 def register(app: Application, ctx: Context) -> None:
-    @app.route(["POST"], "/v1/chat/completions")
+    @app.route(["POST"], "/v1/chat/completions", stream=True)
     async def chat_completions(request: Request, stream: EventStream) -> None:
         body = json_body(request)
         provider_name, model = _pick_provider(ctx, body)
@@ -144,7 +144,7 @@ def register(app: Application, ctx: Context) -> None:
             deltas = _Tally(ctx.metrics, provider, stream).watch(provider.stream(gen))
             await _openai_whole(stream, deltas, completion_id, created, model_name)
 
-    @app.route(["POST"], "/v1/chat")
+    @app.route(["POST"], "/v1/chat", stream=True)
     async def ui_chat(request: Request, stream: EventStream) -> None:
         body = json_body(request)
         provider_name, model = _pick_provider(ctx, body)

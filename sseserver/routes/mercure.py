@@ -46,7 +46,7 @@ def register(app: Application, ctx: Context) -> None:
     hub = ctx.hub
     config = ctx.config
 
-    @app.route(["GET"], PATH)
+    @app.route(["GET"], PATH, stream=True)
     async def subscribe(request: Request, stream: EventStream) -> None:
         topics = _check_topics(request.query.get("topic", []))
         claims = request.claims

@@ -35,11 +35,11 @@ def register(app: Application, ctx: Context) -> None:
     static = load_static(folder)
     static_headers = [("Cache-Control", "no-cache"), ("X-Content-Type-Options", "nosniff")]
 
-    @app.route(["GET"], "/healthz")
+    @app.route(["GET"], "/healthz", auth="none", limited=False)
     async def healthz(request: Request, stream: EventStream) -> None:
         stream.respond_json(200, {"status": "ok"})
 
-    @app.route(["GET"], "/readyz")
+    @app.route(["GET"], "/readyz", auth="none", limited=False)
     async def readyz(request: Request, stream: EventStream) -> None:
         if ctx.shutting_down:
             stream.respond_json(503, {"status": "shutting_down"}, [("Retry-After", "1")])
@@ -48,12 +48,12 @@ def register(app: Application, ctx: Context) -> None:
         else:
             stream.respond_json(200, {"status": "ready"})
 
-    @app.route(["GET"], "/metrics")
+    @app.route(["GET"], "/metrics", auth="optional", limited=False)
     async def metrics(request: Request, stream: EventStream) -> None:
         body, ctype = ctx.metrics.render()
         stream.respond(200, body, content_type=ctype)
 
-    @app.route(["GET"], "/v1/providers")
+    @app.route(["GET"], "/v1/providers", auth="optional", limited=False)
     async def providers(request: Request, stream: EventStream) -> None:
         stream.respond_json(
             200,
@@ -73,10 +73,10 @@ def register(app: Application, ctx: Context) -> None:
         body, ctype = entry
         stream.respond(200, body, static_headers, content_type=ctype)
 
-    @app.route(["GET"], "/")
+    @app.route(["GET"], "/", auth="optional", limited=False)
     async def index(request: Request, stream: EventStream) -> None:
         serve("index.html", stream)
 
-    @app.route(["GET"], "/static/{name}")
+    @app.route(["GET"], "/static/{name}", auth="optional", limited=False)
     async def static_file(request: Request, stream: EventStream) -> None:
         serve(request.params["name"], stream)

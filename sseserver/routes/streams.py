@@ -230,7 +230,7 @@ def register(app: Application, ctx: Context) -> None:
         await resume(gen, parsed[1], stream, throttle=throttle)
         return True
 
-    @app.route(["GET"], "/v1/stream")
+    @app.route(["GET"], "/v1/stream", stream=True)
     async def stream_get(request: Request, stream: EventStream) -> None:
         if await try_resume(request, stream, throttle=True):
             return
@@ -242,7 +242,7 @@ def register(app: Application, ctx: Context) -> None:
         )
         await start(request, stream, provider, gen_request)
 
-    @app.route(["POST"], "/v1/stream")
+    @app.route(["POST"], "/v1/stream", stream=True)
     async def stream_post(request: Request, stream: EventStream) -> None:
         if await try_resume(request, stream, throttle=True):
             return
@@ -258,7 +258,7 @@ def register(app: Application, ctx: Context) -> None:
         )
         await start(request, stream, provider, gen_request)
 
-    @app.route(["GET"], "/v1/streams/{id}")
+    @app.route(["GET"], "/v1/streams/{id}", stream=True)
     async def stream_join(request: Request, stream: EventStream) -> None:
         gen_id = request.params["id"]
         parsed = parse_event_id(last_event_id(request))

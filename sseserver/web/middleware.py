@@ -1,5 +1,7 @@
 """Per-request policies wrapped around every handler: request ids, CORS, JWT auth and
-rate limits (SPEC §9). ``/healthz`` and ``/readyz`` are never authenticated nor limited."""
+rate limits (SPEC §9). They read what each route declared (``RouteInfo``): ``/healthz``
+and ``/readyz`` are never authenticated nor limited, the demo page may be fetched without
+a token, streams hold a concurrent-stream slot."""
 
 from __future__ import annotations
 
@@ -12,15 +14,10 @@ from ..http.stream import EventStream
 from ..metrics import Metrics
 from ..wire import ids
 from ..wire.errors import HTTPError
-from .app import Handler
+from .app import Handler, RouteInfo
 from .auth import Authenticator
 from .ratelimit import ClientAddress, ConcurrencyLimiter, WindowLimiter
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
-# The demo page and its files load without a token; the page passes one on its API calls.
-UNAUTHENTICATED_PREFIXES = ("/static/",)
-UNAUTHENTICATED_PATHS = frozenset({"/", "/metrics", "/v1/providers"})
-STREAM_PATHS = ("/v1/stream", "/v1/streams/", "/v1/chat", "/.well-known/mercure")
 CORS_MAX_AGE = "600"
 CORS_EXPOSE = "Last-Event-ID, X-Request-ID, Retry-After"
 
@@ -89,7 +86,8 @@ class Guard:
         self.concurrency = concurrency
 
     async def __call__(self, request: Request, stream: EventStream, call_next: Handler) -> None:
-        if request.path in PUBLIC_PATHS or request.method == "OPTIONS":
+        info: RouteInfo = request.route.info  # what the route declared (routing came first)
+        if info.auth == "none" or request.method == "OPTIONS":
             await call_next(request, stream)
             return
         try:
@@ -101,16 +99,15 @@ class Guard:
             raise
 
     async def _guarded(self, request: Request, stream: EventStream, call_next: Handler) -> None:
-        path = request.path
-        open_path = path in UNAUTHENTICATED_PATHS or path.startswith(UNAUTHENTICATED_PREFIXES)
-        claims = self.auth.authenticate(request, required=not open_path)
+        info: RouteInfo = request.route.info
+        claims = self.auth.authenticate(request, required=info.auth == "required")
         request.claims = claims
         if claims is not None:
             stream.log["subject"] = claims.subject
             if claims.expires_at is not None:
                 stream.deadline = time.monotonic() + max(0.0, claims.expires_at - time.time())
                 stream.deadline_reason = "token_expired"
-        if open_path:
+        if not info.limited:
             await call_next(request, stream)
             return
         key = (
@@ -126,12 +123,7 @@ class Guard:
                     429, "rate_limited", "too many requests", [("Retry-After", str(int(wait)))]
                 )
         concurrency = self.concurrency
-        if (
-            concurrency is None
-            or not path.startswith(STREAM_PATHS)
-            or (request.method == "POST" and path == "/.well-known/mercure")
-            or (request.method == "POST" and path.startswith("/v1/streams/"))  # cancel
-        ):
+        if concurrency is None or not info.stream:
             await call_next(request, stream)
             return
         taken = await concurrency.acquire(key)
