@@ -26,36 +26,54 @@ from .base import EARLIEST, Subscription, Update, build_frame
 SWEEP_EVERY = 63  # also sweep once per 64 updates (a bit mask), between timer ticks
 SWEEP_S = 1.0  # the timer's period: ended topics and aged history go within a second
 MiB = 1024 * 1024
-# A large table's entry as it really weighs: 24 bytes of hash, key and value, the index,
-# and the room a dict keeps free (a third at least; after deletions it rebuilds at
-# three times its live count, so ~2.5x on average) — measured ~65 bytes at 600k entries.
-BY_ID_ENTRY = 64
+# Counted as the allocator gives it: CPython's small-object allocator serves sizes in
+# steps of 16 bytes (a 98-byte bytes object takes 112), which is ~10 % of an update.
+SMALL_OBJECT_STEP = 16
+SMALL_OBJECT_MAX = 512
+
+
+def allocated(size: int) -> int:
+    """What an object of ``size`` bytes takes from the allocator."""
+    if size > SMALL_OBJECT_MAX:
+        return size
+    return -(-size // SMALL_OBJECT_STEP) * SMALL_OBJECT_STEP
+
+
+# A large table's entry: 24 bytes of hash, key and value, its index, and the room a
+# dict keeps free (a third at least; after deletions it rebuilds at three times its live
+# count): ~65 bytes measured at 600k entries. Counted twice, because that rebuild holds
+# the old table and the new one at once, and the budget must hold at that moment too.
+BY_ID_ENTRY = 2 * 64
 # What one held update costs beyond its frame's and id's bytes: the Update, the Frame,
-# the empty bytes and str headers, its time and sequence number (objects of their own),
-# and a slot in each index (by id, per topic, by age).
+# the bytes and str headers, its time and sequence number (objects of their own), and a
+# slot in each index (by id, per topic, by age).
 _SAMPLE = Update(("t",), "", Frame(b"", 0), False, 2**40, 0.5)
 UPDATE_OVERHEAD = (
-    sys.getsizeof(_SAMPLE)
-    + sys.getsizeof(_SAMPLE.frame)
-    + sys.getsizeof(b"")
-    + sys.getsizeof("")
-    + sys.getsizeof(_SAMPLE.at)
-    + sys.getsizeof(_SAMPLE.seq)
+    allocated(sys.getsizeof(_SAMPLE))
+    + allocated(sys.getsizeof(_SAMPLE.frame))
+    + allocated(sys.getsizeof(_SAMPLE.at))
+    + allocated(sys.getsizeof(_SAMPLE.seq))
     + BY_ID_ENTRY
     + 2 * 8  # a pointer in the topic's list and one in the age deque
 )
+BYTES_HEAD = sys.getsizeof(b"")
+STR_HEAD = sys.getsizeof("")
 # And one topic: its name, its list, its table entry.
-TOPIC_OVERHEAD = sys.getsizeof([]) + sys.getsizeof("") + BY_ID_ENTRY
+TOPIC_OVERHEAD = allocated(sys.getsizeof([])) + STR_HEAD + BY_ID_ENTRY
 # And one closed topic remembered for the resume window: its entry and time here, plus
 # what a listener keeps alongside (``Generations`` adds its record's size).
-CLOSED_OVERHEAD = BY_ID_ENTRY + sys.getsizeof(0.5)
+CLOSED_OVERHEAD = BY_ID_ENTRY + allocated(sys.getsizeof(0.5))
 # A deque keeps entries of updates dropped for other reasons until they reach its front;
 # past this many (and half of it) it is rebuilt, so they never hold memory for long.
 COMPACT_AFTER = 1024
 
 
 def update_cost(update: Update) -> int:
-    return UPDATE_OVERHEAD + len(update.frame.chunked) + len(update.id)
+    return (
+        UPDATE_OVERHEAD
+        + allocated(BYTES_HEAD + len(update.frame.chunked))
+        + allocated(STR_HEAD + len(update.id))
+    )
 
 
 class MemoryHub:
