@@ -24,11 +24,10 @@ from .hub.base import Hub, Subscription
 from .hub.presence import RedisPresence
 from .providers.base import GenerationRequest, Provider, ProviderError
 from .wire import ids
-from .wire.errors import ClientGone
+from .wire.errors import ClientGone, error_event_data
+from .wire.sse import DONE
 
 log = logging.getLogger("sseserver.generations")
-
-DONE = "[DONE]"
 
 
 TOPIC_PREFIX = "streams/"
@@ -349,7 +348,7 @@ class Generations:
     ) -> None:
         if error is not None:
             gen.error_code = str(error["code"])
-            self._publish(gen, _json(error), event="error")
+            self._publish(gen, error_event_data(**error), event="error")
         now = time.monotonic()
         duration = now - gen.started_at
         streaming = now - first_at if first_at is not None else 0.0

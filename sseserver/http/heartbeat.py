@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..wire.chunked import Frame
+from ..wire.errors import error_event_data
 from ..wire.sse import encode_comment, encode_event, encode_retry
 
 if TYPE_CHECKING:
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
 PING = Frame.of(encode_comment("ping"))
 TOKEN_EXPIRED = encode_event(
-    '{"code":"token_expired","message":"access token expired","retryable":true}', event="error"
+    error_event_data("token_expired", "access token expired", retryable=True), event="error"
 )
 
 

@@ -28,7 +28,7 @@ import h11
 from ..config import Config
 from ..wire import ids
 from ..wire.chunked import frame
-from ..wire.errors import ClientGone, HTTPError, error_body
+from ..wire.errors import ClientGone, HTTPError, error_body, error_event_data
 from ..wire.sse import encode_event
 from .flow import FlowControl
 from .heartbeat import StreamRegistry
@@ -80,6 +80,9 @@ FRAMING_HEADERS = frozenset((b"content-length", b"transfer-encoding", b"connecti
 _UNSAFE_HEADER = re.compile(rb"[\r\n\x00]")
 _H11_DETAIL = re.compile(r":?\s*(?:bytearray|b)\(?b?['\"].*$", re.S)
 
+INTERNAL_ERROR_EVENT = encode_event(
+    error_event_data("internal_error", "internal server error", retryable=True), event="error"
+)
 OVERLOADED = _canned(503, "overloaded", "too many open connections", b"retry-after: 1\r\n")
 SHUTTING_DOWN = _canned(503, "shutting_down", "server is shutting down", b"retry-after: 1\r\n")
 
@@ -343,13 +346,7 @@ class HTTPProtocol(asyncio.Protocol):
             if not stream.started:
                 stream.respond_error(500, "internal_error", "internal server error")
             elif stream.open:
-                stream.write(
-                    encode_event(
-                        '{"code":"internal_error","message":"internal server error",'
-                        '"retryable":true}',
-                        event="error",
-                    )
-                )
+                stream.write(INTERNAL_ERROR_EVENT)
                 stream.finish("error")
         else:
             if not stream.started:

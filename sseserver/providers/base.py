@@ -6,9 +6,16 @@ Providers know nothing of HTTP or SSE. They release their upstream call in ``fin
 
 from __future__ import annotations
 
+import email.utils
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+# The roles of a chat message every provider accepts (SPEC §6).
+ROLES = ("system", "user", "assistant")
+# Statuses the official SDKs retry, besides every 5xx; their errors are retryable.
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +79,42 @@ class ProviderError(Exception):
 
 class UpstreamHTTPError(ProviderError):
     code = "upstream_http_error"
+
+
+def status_error(
+    status: int, retry_after_s: float | None, detail: str | None = None
+) -> UpstreamHTTPError:
+    """The error for an upstream's HTTP error status, the same for every provider."""
+    suffix = f" ({detail})" if detail else ""
+    return UpstreamHTTPError(
+        f"upstream answered HTTP {status}{suffix}",
+        code="rate_limited" if status == 429 else f"upstream_{status}",
+        retryable=status >= 500 or status in RETRYABLE_STATUSES,
+        status=status,
+        retry_after_s=retry_after_s,
+    )
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from ``retry-after-ms`` (OpenAI) or ``Retry-After`` (seconds or HTTP date)."""
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) / scale
+        except ValueError:
+            continue
+        if seconds >= 0 and seconds != float("inf"):
+            return seconds
+    value = headers.get("retry-after")
+    if value:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, when.timestamp() - time.time())
+    return None
 
 
 class UpstreamTimeout(ProviderError):

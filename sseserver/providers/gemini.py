@@ -28,9 +28,7 @@ Deliberate choices:
 from __future__ import annotations
 
 import contextvars
-import email.utils
 import os
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -45,16 +43,15 @@ from .base import (
     GenerationRequest,
     ProviderError,
     UpstreamConnectionError,
-    UpstreamHTTPError,
     UpstreamProtocolError,
     UpstreamTimeout,
     Usage,
+    status_error,
 )
+from .base import retry_after as header_retry_after
 from .pool import upstream_pool
 
 PLACEHOLDER_API_KEY = "no-key-required"
-
-RETRYABLE_STATUSES = frozenset({408, 409, 429})
 
 # Advertised to the demo page's model picker.
 GEMINI_MODELS = ("gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-2.5-pro")
@@ -232,7 +229,8 @@ class GeminiProvider:
     def _error(self, exc: Exception, *, started: bool) -> ProviderError:
         if isinstance(exc, errors.APIError):
             if isinstance(exc.code, int) and 400 <= exc.code < 600:
-                return status_error(exc.code, _headers(exc), exc.details, exc.status)
+                detail = exc.status if isinstance(exc.status, str) else None
+                return status_error(exc.code, retry_after(_headers(exc), exc.details), detail)
             return ProviderError("upstream reported an error", retryable=True)
         if isinstance(exc, httpx.TimeoutException):
             return UpstreamTimeout(f"no data from upstream for {self.timeout_s:g} s")
@@ -249,36 +247,12 @@ class GeminiProvider:
         return ProviderError("upstream call failed")
 
 
-def status_error(
-    status: int, headers: Mapping[str, str], details: Any = None, upstream_status: Any = None
-) -> UpstreamHTTPError:
-    """An ``UpstreamHTTPError`` for an HTTP error status, with the wait Google asks for."""
-    detail = f" ({upstream_status})" if isinstance(upstream_status, str) else ""
-    return UpstreamHTTPError(
-        f"upstream answered HTTP {status}{detail}",
-        code="rate_limited" if status == 429 else f"upstream_{status}",
-        retryable=status >= 500 or status in RETRYABLE_STATUSES,
-        status=status,
-        retry_after_s=retry_after(headers, details),
-    )
-
-
 def retry_after(headers: Mapping[str, str], details: Any = None) -> float | None:
     """Seconds from ``Retry-After``, else from a ``google.rpc.RetryInfo`` error detail
     (``"retryDelay": "7s"``), which is how the Gemini API says it on 429."""
-    value = headers.get("retry-after")
-    if value:
-        try:
-            seconds = float(value)
-        except ValueError:
-            try:
-                when = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError):
-                seconds = -1.0
-            else:
-                seconds = max(0.0, when.timestamp() - time.time())
-        if 0 <= seconds < float("inf"):
-            return seconds
+    from_headers = header_retry_after(headers)
+    if from_headers is not None:
+        return from_headers
     error = details.get("error", details) if isinstance(details, dict) else None
     for item in (error or {}).get("details") or []:
         if not isinstance(item, dict) or not str(item.get("@type", "")).endswith(".RetryInfo"):

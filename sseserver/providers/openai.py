@@ -22,7 +22,7 @@ import openai
 from openai import AsyncStream
 from openai.types.chat import ChatCompletionChunk
 
-from .base import Delta, GenerationRequest, ProviderError
+from .base import Delta, GenerationRequest, ProviderError, retry_after, status_error
 from .openai_wire import (
     PLACEHOLDER_API_KEY,
     TRANSPORT_ERRORS,
@@ -30,8 +30,6 @@ from .openai_wire import (
     OpenAIBase,
     error_event,
     not_json,
-    retry_after,
-    status_error,
 )
 
 __all__ = ["PLACEHOLDER_API_KEY", "OpenAIProvider", "retry_after", "status_error"]
@@ -97,7 +95,7 @@ class OpenAIProvider(OpenAIBase):
 
     def _error(self, exc: openai.APIError, *, started: bool) -> ProviderError:
         if isinstance(exc, openai.APIStatusError):
-            return status_error(exc.status_code, exc.response.headers, exc.code)
+            return status_error(exc.status_code, retry_after(exc.response.headers), exc.code)
         if isinstance(exc, openai.APIConnectionError):
             timed_out = isinstance(exc, openai.APITimeoutError)
             return self._connection_error(timed_out=timed_out, started=started)

@@ -37,14 +37,13 @@ from typing import Any
 
 import httpx
 
-from .base import Delta, GenerationRequest
+from .base import Delta, GenerationRequest, retry_after, status_error
 from .openai_wire import (
     TRANSPORT_ERRORS,
     ChunkReader,
     OpenAIBase,
     error_event,
     not_json,
-    status_error,
 )
 
 # The SDK's bound on reading what follows [DONE] before it closes the connection instead.
@@ -171,7 +170,9 @@ class FastOpenAIProvider(OpenAIBase):
                 code, message = _error_detail(response.text)
                 said = f"Error code: {response.status_code}" + (f" - {message}" if message else "")
                 cause = httpx.HTTPStatusError(said, request=http_request, response=response)
-                raise status_error(response.status_code, response.headers, code) from cause
+                raise status_error(
+                    response.status_code, retry_after(response.headers), code
+                ) from cause
 
             reader = ChunkReader(_json_fields)
             decoder = EventDecoder()

@@ -22,10 +22,8 @@ Deliberate choices (both clients):
 
 from __future__ import annotations
 
-import email.utils
 import os
 import ssl
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,12 +31,12 @@ import anyio
 import httpx
 
 from .base import (
+    ROLES,
     BadRequest,
     Delta,
     GenerationRequest,
     ProviderError,
     UpstreamConnectionError,
-    UpstreamHTTPError,
     UpstreamProtocolError,
     UpstreamTimeout,
     Usage,
@@ -51,11 +49,9 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"  # the SDK's, when neither flag n
 # Advertised to the demo page when talking to api.openai.com. Behind another base URL
 # (vLLM, Ollama, ...) the model names are the operator's, so only the default is offered.
 OPENAI_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1")
-ROLES = frozenset({"system", "user", "assistant"})
 MAX_TEMPERATURE = 2.0  # the Chat Completions API's range is [0, 2]
 
 # Statuses worth retrying later (the SDK's own retry list): timeout, conflict, overload.
-RETRYABLE_STATUSES = frozenset({408, 409, 429})
 
 # What the openai SDK counts as a failed request (its ``_httpx2.request_exceptions``): httpx's
 # own, and the TLS and end-of-stream errors that anyio's streams raise unmapped.
@@ -227,39 +223,3 @@ class ChunkReader:
         never send a finish reason, and their answer is complete all the same. A body cut
         short fails in the HTTP client instead."""
         return Delta(finish_reason=self.finish_reason or "stop", usage=self.usage)
-
-
-def status_error(
-    status: int, headers: Mapping[str, str], upstream_code: str | None = None
-) -> UpstreamHTTPError:
-    """An ``UpstreamHTTPError`` for an HTTP error status, with ``Retry-After`` if given."""
-    detail = f" ({upstream_code})" if upstream_code else ""
-    return UpstreamHTTPError(
-        f"upstream answered HTTP {status}{detail}",
-        code="rate_limited" if status == 429 else f"upstream_{status}",
-        retryable=status >= 500 or status in RETRYABLE_STATUSES,
-        status=status,
-        retry_after_s=retry_after(headers),
-    )
-
-
-def retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds from ``retry-after-ms`` (OpenAI) or ``Retry-After`` (seconds or HTTP date)."""
-    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) / scale
-        except ValueError:
-            continue
-        if seconds >= 0 and seconds != float("inf"):
-            return seconds
-    value = headers.get("retry-after")
-    if value:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        return max(0.0, when.timestamp() - time.time())
-    return None

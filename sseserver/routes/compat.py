@@ -23,9 +23,10 @@ from ..web.app import Application
 from ..web.context import Context
 from ..wire import ids
 from ..wire.errors import HTTPError, error_body
+from ..wire.sse import DONE, encode_event
 from .streams import build_request, json_body, parse_messages
 
-DONE = b"data: [DONE]\n\n"
+DONE_EVENT = encode_event(DONE)
 UI_STREAM_HEADERS = [("x-vercel-ai-ui-message-stream", "v1")]
 
 
@@ -227,7 +228,7 @@ async def _openai_stream(
                 delta = await anext(deltas, None)
         except ProviderError as exc:
             stream.write(_data(json.loads(error_body(exc.code, exc.message))))
-            stream.write(DONE)
+            stream.write(DONE_EVENT)
             return
         stream.write(_data(_chunk(cid, created, model, {}, finish)))
         if include_usage:
@@ -243,7 +244,7 @@ async def _openai_stream(
                     }
                 )
             )
-        stream.write(DONE)
+        stream.write(DONE_EVENT)
 
 
 async def _openai_whole(
@@ -307,9 +308,9 @@ async def _ui_stream(stream: EventStream, source: AsyncIterator[Delta]) -> None:
         except ProviderError as exc:
             stream.write(_data({"type": "text-end", "id": text_id}))
             stream.write(_data({"type": "error", "errorText": exc.message}))
-            stream.write(DONE)
+            stream.write(DONE_EVENT)
             return
         stream.write(_data({"type": "text-end", "id": text_id}))
         stream.write(_data({"type": "finish-step"}))
         stream.write(_data({"type": "finish", "finishReason": finish}))
-        stream.write(DONE)
+        stream.write(DONE_EVENT)

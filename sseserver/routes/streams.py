@@ -9,17 +9,17 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from ..generations import DONE, Generation, parse_event_id, topic_of
+from ..generations import Generation, parse_event_id, topic_of
 from ..http.request import Request
 from ..http.stream import EventStream
 from ..hub.base import EARLIEST, Subscription, any_match
-from ..providers.base import BadRequest, GenerationRequest, Message, Provider
+from ..providers.base import ROLES, BadRequest, GenerationRequest, Message, Provider
 from ..web.app import Application
 from ..web.auth import Claims
 from ..web.context import Context
 from ..wire.errors import HTTPError
+from ..wire.sse import DONE
 
-ROLES = ("system", "user", "assistant")
 # How long a resume waits for an id that another instance may not have forwarded yet.
 REMOTE_CATCH_UP_S = 0.25
 SYNTHETIC_PARAMS = ("tokens", "interval_ms", "size", "ttft_ms")

@@ -1,4 +1,5 @@
-"""Error types shared by the layers, and the short JSON error body every refusal carries."""
+"""Error types shared by the layers, and the two shapes errors take on the wire: the short
+JSON body every refusal carries, and the data of a stream's ``event: error``."""
 
 from __future__ import annotations
 
@@ -40,3 +41,12 @@ def error_body(code: str, message: str, **extra: object) -> bytes:
     if len(body) > MAX_ERROR_BODY:
         body = json.dumps({"error": {"code": code, "message": message[:200]}}).encode()
     return body
+
+
+def error_event_data(code: str, message: str, *, retryable: bool, **extra: object) -> str:
+    """The data of an ``event: error`` (SPEC §6): ``{"code", "message", "retryable"}``."""
+    return json.dumps(
+        {"code": code, "message": message, "retryable": retryable, **extra},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _LINE_BREAKS = ("\r\n", "\r")
+# The data of the last event of every answer stream (SPEC §6; OpenAI's convention).
+DONE = "[DONE]"
 
 
 def _lines(text: str) -> list[str]:
