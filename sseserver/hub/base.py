@@ -116,6 +116,8 @@ class Hub(Protocol):
     closed_topic_bytes: int
     # Called with each closed topic forgotten after the resume window (or the budget).
     on_forget: Callable[[str], None] | None
+    deliveries: int  # frames written to subscribers so far (joined writes count each)
+    evicted: int  # updates dropped to stay within the byte budget so far
 
     @property
     def ready(self) -> bool: ...
@@ -189,6 +191,8 @@ class Hub(Protocol):
     def close_topic(self, topic: str, reason: str = "complete") -> None: ...
 
     def close_all(self, reason: str = "shutdown") -> None: ...
+
+    def subscriber_count(self, topic: str | None = None) -> int: ...
 
 
 @runtime_checkable

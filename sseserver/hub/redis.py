@@ -121,6 +121,17 @@ class RedisHub:
     def on_forget(self, callback: Callable[[str], None] | None) -> None:
         self.local.on_forget = callback
 
+    @property
+    def deliveries(self) -> int:
+        return self.local.deliveries
+
+    @property
+    def evicted(self) -> int:
+        return self.local.evicted
+
+    def subscriber_count(self, topic: str | None = None) -> int:
+        return self.local.subscriber_count(topic)
+
     def make_update(
         self,
         topics: tuple[str, ...],

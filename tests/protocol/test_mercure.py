@@ -25,6 +25,8 @@ import pytest
 
 from sseserver.http.protocol import HTTPProtocol
 from sseserver.http.server import Server
+from sseserver.hub.memory import MemoryHub
+from sseserver.web.context import Context
 from tests.protocol.rawhttp import (
     HOST,
     RawClient,
@@ -43,6 +45,12 @@ SECRET = "test-secret-that-is-long-enough-for-hs256!"  # >= 32 bytes: no PyJWT w
 BOOK1 = "https://example.com/books/1"
 BOOK2 = "https://example.com/books/2"
 BOOKS = "https://example.com/books/{id}"
+
+
+def memory_hub(ctx: Context) -> MemoryHub:
+    """The in-memory hub behind a test server, to look at its history's internals."""
+    assert isinstance(ctx.hub, MemoryHub)
+    return ctx.hub
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -372,13 +380,13 @@ async def test_publish_400(fields: list[tuple[str, str]], why: str) -> None:
         await publish_one_shot(server.port, [("topic", BOOK1), ("data", "x"), ("id", "dup")])
         client, _resp, reader = await subscribe(server.port, sub_target("*"))
         async with client:
-            held = len(ctx.hub._by_id)
+            held = len(memory_hub(ctx)._by_id)
             resp = await publish_one_shot(server.port, fields)
             assert resp.status == 400, why
             assert resp.header("content-type") == "application/json"
             assert resp.json()["error"]["code"] == "bad_request"
             assert len(resp.body) < 2048
-            assert len(ctx.hub._by_id) == held, "a refused update must not be stored"
+            assert len(memory_hub(ctx)._by_id) == held, "a refused update must not be stored"
             await nothing_more(reader)
 
 
@@ -853,7 +861,7 @@ async def test_memory_bounded_with_history_full() -> None:
     history = 100
     topics = ("m1", "m2", "m3")
     async with app_server(history=history) as (server, ctx):
-        hub = ctx.hub
+        hub = memory_hub(ctx)
         pub = await Publisher.connect(server.port)
         try:
             for i in range(5 * history):

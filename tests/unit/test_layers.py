@@ -58,7 +58,7 @@ def imports_of(path: Path) -> list[str]:
     package = module_name(path)
     if path.name != "__init__.py":
         package = package.rpartition(".")[0]
-    out = []
+    out: list[str] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out.extend(alias.name for alias in node.names)
