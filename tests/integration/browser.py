@@ -8,9 +8,7 @@ fails under ``CI=true`` (``tests.conftest.require``).
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +16,6 @@ from weakref import WeakKeyDictionary
 
 from sseserver.http.protocol import HTTPProtocol
 from sseserver.http.server import Server
-from sseserver.providers.synthetic import token_text
 from sseserver.web.context import Context
 from tests.conftest import require, require_binary
 from tests.protocol.rawhttp import app_server
@@ -44,11 +41,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 TERMINAL_STATES = ("done", "stopped", "error")
-
-
-def expected_text(tokens: int, size: int = 0) -> str:
-    """The synthetic provider's whole answer: deterministic for given parameters."""
-    return "".join(token_text(i, size) for i in range(tokens))
 
 
 @asynccontextmanager
@@ -99,17 +91,6 @@ def stream_connections(server: Server, path: str = "/v1/stream") -> list[HTTPPro
         and conn._stream.request.path == path
         and conn.transport is not None
     ]
-
-
-async def eventually(
-    predicate: Callable[[], bool], within_s: float = 5.0, what: str = "condition"
-) -> None:
-    """Poll ``predicate`` (on the server's loop) until it holds, or fail."""
-    deadline = time.monotonic() + within_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not hold within {within_s}s")
-        await asyncio.sleep(0.02)
 
 
 # -- the page ---------------------------------------------------------------------------

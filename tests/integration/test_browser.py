@@ -23,8 +23,6 @@ from tests.integration.browser import (
     count_starts,
     demo_hooks,
     demo_server,
-    eventually,
-    expected_text,
     js_errors,
     open_demo,
     sample_answer,
@@ -33,6 +31,8 @@ from tests.integration.browser import (
     stream_connections,
     wait_for_state,
 )
+from tests.support.synthetic import expected_text
+from tests.support.waits import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

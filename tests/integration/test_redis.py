@@ -30,7 +30,15 @@ from tests.integration.redis_server import (
     redis_running,
     sseserver_running,
 )
-from tests.protocol.rawhttp import RawClient, Response, SSEReader, open_stream, seq_of, text_of
+from tests.protocol.rawhttp import (
+    RawClient,
+    Response,
+    SSEReader,
+    open_stream,
+    read_until_id,
+    seq_of,
+    text_of,
+)
 from tests.sse_parser import Event
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -80,14 +88,6 @@ async def subscribe(
     )
     assert resp.status == 200, resp.status
     return client, reader
-
-
-async def read_until_id(reader: SSEReader, last_id: str, within: float = 10.0) -> list[Event]:
-    await reader.until(
-        lambda r: bool(r.parser.events) and r.parser.events[-1].last_event_id == last_id,
-        within=within,
-    )
-    return list(reader.parser.events)
 
 
 async def await_status(port: int, path: str, status: int, within: float) -> float:

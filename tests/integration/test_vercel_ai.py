@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
-from sseserver.providers.synthetic import token_text
 from tests.conftest import ROOT, require, require_binary, server_process
 from tests.integration.logtail import LOG_WAIT_S, LogTail
+from tests.support.synthetic import expected_text
 from tests.upstreams import RequestRecord
 from tests.upstreams import token_text as upstream_token_text
 from tests.upstreams.openai_wire import OpenAIWire
@@ -40,10 +40,6 @@ CLIENT = NODE_DIR / "ui_stream_client.mjs"
 CLIENT_TIMEOUT_MS = 15_000  # the client's own deadline: it then prints {"timeout": true}
 CLIENT_KILL_S = 25  # and the process's, should the client not keep to its own
 MODES = ("transport", "chat")
-
-
-def expected_text(tokens: int, size: int = 0) -> str:
-    return "".join(token_text(i, size) for i in range(tokens))
 
 
 # -- Node.js and the pinned `ai` package ------------------------------------------------

@@ -22,8 +22,7 @@ import pytest
 
 from tests.conftest import require
 from tests.integration.redis_server import ServerProcess, redis_running, sseserver_running
-from tests.protocol.rawhttp import RawClient, SSEReader, open_stream
-from tests.sse_parser import Event
+from tests.protocol.rawhttp import RawClient, SSEReader, open_stream, read_until_id
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -136,14 +135,6 @@ async def publish_ok(port: int, topic: str, data: str, event_id: str) -> None:
         client.request("POST", PATH, FORM, body)
         resp = await client.response(10)
     assert resp.status == 200, (resp.status, resp.body)
-
-
-async def read_until_id(reader: SSEReader, last_id: str, within: float = 10.0) -> list[Event]:
-    await reader.until(
-        lambda r: bool(r.parser.events) and r.parser.events[-1].last_event_id == last_id,
-        within=within,
-    )
-    return list(reader.parser.events)
 
 
 class Sub:

@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import h11
@@ -140,10 +139,3 @@ async def fetch(
     async with await Client.open(port) as client:
         client.send(method, target, headers, body)
         return await client.response(10)
-
-
-async def eventually(predicate: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition did not hold in time"
-        await asyncio.sleep(0.05)

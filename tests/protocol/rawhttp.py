@@ -50,20 +50,6 @@ async def app_server(**overrides: Any) -> AsyncIterator[tuple[Server, Context]]:
         await server.shutdown()
 
 
-async def eventually(
-    predicate: Callable[[], bool], within: float = 2.0, what: str = "condition"
-) -> float:
-    """Poll ``predicate`` until it holds; returns the seconds it took. Fails after
-    ``within`` seconds."""
-    start = time.monotonic()
-    deadline = start + within
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what} did not hold within {within}s")
-        await asyncio.sleep(0.002)
-    return time.monotonic() - start
-
-
 # -- responses ---------------------------------------------------------------------------
 
 
@@ -323,6 +309,15 @@ class SSEReader:
             await self._pump(max(0.0, deadline - time.monotonic()))
         out, self._queue = self._queue, []
         return out
+
+
+async def read_until_id(reader: SSEReader, last_id: str, within: float = 10.0) -> list[Event]:
+    """Read until an event with ``last_id`` has been dispatched; every event so far."""
+    await reader.until(
+        lambda r: bool(r.parser.events) and r.parser.events[-1].last_event_id == last_id,
+        within=within,
+    )
+    return list(reader.parser.events)
 
 
 async def open_stream(

@@ -18,9 +18,9 @@ from openai import AsyncOpenAI
 
 from sseserver.config import parse_rate
 from sseserver.http.server import Server
-from sseserver.providers.synthetic import token_text
 from tests.conftest import running_server
 from tests.sse_parser import SSEParser
+from tests.support.synthetic import expected_text
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,10 +30,6 @@ MESSAGES: list[Any] = [
     {"role": "system", "content": "be brief"},
     {"role": "user", "content": "say five words"},
 ]
-
-
-def expected_text(tokens: int) -> str:
-    return "".join(token_text(i) for i in range(tokens))
 
 
 @asynccontextmanager

@@ -14,7 +14,8 @@ import pytest
 
 from sseserver.generations import Generation
 from sseserver.http.server import Server
-from tests.protocol.rawhttp import RawClient, SSEReader, app_server, eventually, open_stream
+from tests.protocol.rawhttp import RawClient, SSEReader, app_server, open_stream
+from tests.support.waits import eventually
 
 pytestmark = pytest.mark.timeout(30)
 

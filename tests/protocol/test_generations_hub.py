@@ -20,16 +20,9 @@ from sseserver.generations import Generation, topic_of
 from sseserver.providers.base import Delta, GenerationRequest, Provider
 from sseserver.providers.synthetic import token_text
 from sseserver.web.context import Context
-from tests.protocol.rawhttp import (
-    RawClient,
-    SSEReader,
-    app_server,
-    eventually,
-    open_stream,
-    seq_of,
-    text_of,
-)
+from tests.protocol.rawhttp import RawClient, SSEReader, app_server, open_stream, seq_of, text_of
 from tests.sse_parser import Event
+from tests.support.waits import eventually
 
 pytestmark = pytest.mark.timeout(60)
 

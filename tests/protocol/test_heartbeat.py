@@ -10,14 +10,8 @@ import time
 
 import pytest
 
-from tests.protocol.rawhttp import (
-    RawClient,
-    Response,
-    SSEReader,
-    app_server,
-    eventually,
-    open_stream,
-)
+from tests.protocol.rawhttp import RawClient, Response, SSEReader, app_server, open_stream
+from tests.support.waits import eventually
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -33,10 +33,11 @@ from tests.protocol.rawhttp import (
     Response,
     SSEReader,
     app_server,
-    eventually,
     open_stream,
+    read_until_id,
 )
 from tests.sse_parser import Event, SSEParser
+from tests.support.waits import eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -108,15 +109,6 @@ async def subscribe(
     assert resp.status == 200, (resp.status, await client.body())
     assert resp.header("content-type") == "text/event-stream; charset=utf-8"
     return client, resp, reader
-
-
-async def read_until_id(reader: SSEReader, last_id: str, within: float = 10.0) -> list[Event]:
-    """Read until an event with ``last_id`` has been dispatched; every event so far."""
-    await reader.until(
-        lambda r: bool(r.parser.events) and r.parser.events[-1].last_event_id == last_id,
-        within=within,
-    )
-    return list(reader.parser.events)
 
 
 async def publish_one_shot(port: int, fields: Sequence[tuple[str, str]], **kw: Any) -> Response:
