@@ -24,7 +24,7 @@ EARLIEST = "earliest"  # Mercure's reserved Last-Event-ID: replay everything hel
 @dataclass(slots=True, eq=False)
 class Update:
     """One published event, held once: its frame is the only copy of its bytes.
-    ``seq`` orders updates within one hub. Treat as immutable but for ``held`` (not
+    ``seq`` orders updates within one hub. Treat as immutable but for ``cost`` (not
     frozen: a frozen init costs a setattr call per field, paid for every token)."""
 
     topics: tuple[str, ...]
@@ -35,7 +35,7 @@ class Update:
     at: float  # monotonic time of publication, for the history age limit
     final: bool = False  # the topic ends with this update (a generation's [DONE])
     owner: str | None = None  # who started the generation this update opens (SPEC §9)
-    held: bool = False  # in the hub's history now (set and cleared by the hub)
+    cost: int = 0  # the bytes it counts for while in a hub's history; 0: not held
 
     @property
     def topic(self) -> str:

@@ -68,11 +68,18 @@ CLOSED_OVERHEAD = BY_ID_ENTRY + allocated(sys.getsizeof(0.5))
 COMPACT_AFTER = 1024
 
 
+# The frame's bytes object and the id's str, rounded up to the allocator's step (for
+# the rare ones past SMALL_OBJECT_MAX, a few bytes too many): inline, it runs per token.
+_BYTES_ROUNDING = BYTES_HEAD + SMALL_OBJECT_STEP - 1
+_STR_ROUNDING = STR_HEAD + SMALL_OBJECT_STEP - 1
+_STEP_MASK = ~(SMALL_OBJECT_STEP - 1)
+
+
 def update_cost(update: Update) -> int:
     return (
         UPDATE_OVERHEAD
-        + allocated(BYTES_HEAD + len(update.frame.chunked))
-        + allocated(STR_HEAD + len(update.id))
+        + ((_BYTES_ROUNDING + len(update.frame.chunked)) & _STEP_MASK)
+        + ((_STR_ROUNDING + len(update.id)) & _STEP_MASK)
     )
 
 
@@ -276,11 +283,16 @@ class MemoryHub:
             self._let_go(held.pop(0))  # a memmove of ``history`` pointers
             self._stale += 1
         held.append(update)
-        update.held = True
+        cost = update.cost = (
+            UPDATE_OVERHEAD
+            + ((_BYTES_ROUNDING + len(update.frame.chunked)) & _STEP_MASK)
+            + ((_STR_ROUNDING + len(update.id)) & _STEP_MASK)
+        )  # update_cost(update), inline: this runs for every token
         self._by_id[update.id] = update
         self._by_age.append(update)
-        self.held_bytes += update_cost(update)
-        self._shrink()
+        self.held_bytes += cost
+        if self.held_bytes > self.history_bytes:
+            self._shrink()
         if not update.seq & SWEEP_EVERY:
             self.sweep(update.at)
         elif self._stale > COMPACT_AFTER and self._stale * 2 > len(self._by_age):
@@ -299,14 +311,14 @@ class MemoryHub:
 
     def _let_go(self, update: Update) -> None:
         """Account for ``update`` leaving history (its topic's list already let it go)."""
-        update.held = False
-        self.held_bytes -= update_cost(update)
+        self.held_bytes -= update.cost
+        update.cost = 0
         if self._by_id.get(update.id) is update:
             del self._by_id[update.id]
 
     def _drop_oldest(self) -> None:
         update = self._by_age.popleft()
-        if not update.held:
+        if not update.cost:
             self._stale -= 1
             return
         key = update.topics[0]
@@ -338,7 +350,7 @@ class MemoryHub:
             self._compact()
 
     def _compact(self) -> None:
-        self._by_age = deque(u for u in self._by_age if u.held)
+        self._by_age = deque(u for u in self._by_age if u.cost)
         self._stale = 0
 
     def sweep(self, now: float | None = None) -> None:

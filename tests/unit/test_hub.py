@@ -564,9 +564,9 @@ def _held_cost(hub: MemoryHub) -> int:
 
 def _check_indexes(hub: MemoryHub) -> None:
     held = [u for updates in hub._topics.values() for u in updates]
-    assert all(u.held for u in held)
+    assert all(u.cost == memory.update_cost(u) > 0 for u in held)
     assert {u.id for u in held} == set(hub._by_id)
-    assert [u for u in hub._by_age if u.held] == sorted(held, key=lambda u: u.seq)
+    assert [u for u in hub._by_age if u.cost] == sorted(held, key=lambda u: u.seq)
     assert hub.held_bytes == _held_cost(hub)
 
 
