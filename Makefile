@@ -52,6 +52,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy sseserver tests
 
 bench: $(STAMP)
+	$(PY) -m bench.micro
 	$(PY) -m bench.run --quick
 	$(PY) -m bench.soak --minutes 1 --label no-history $(NO_HISTORY)
 	$(PY) -m bench.soak --minutes 3
