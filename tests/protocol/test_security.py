@@ -686,3 +686,23 @@ async def test_no_cors_configured_no_cors_headers() -> None:
     async with running_server() as server:
         resp = await fetch(server.port, "/healthz", [("Origin", ORIGIN)])
         assert cors_headers(resp) == {}
+
+
+async def test_auth_and_rate_limit_refusals_answer_head_with_the_head_only() -> None:
+    """401 and 429 asked with HEAD: the head a GET would get (its Content-Length too),
+    no body, and the connection stays usable (a body would be read as garbage)."""
+    async with running_server(jwt_secret=SECRET, rate=parse_rate("1/60s")) as server:
+        async with await Client.open(server.port) as client:
+            client.send("HEAD", STREAM)
+            unauthorized = await client.response(10)
+            assert unauthorized.status == 401 and unauthorized.body == b""
+            assert int(unauthorized.header("content-length") or 0) > 0
+            carol = bearer(hs256({"sub": "carol"}))
+            client.send("HEAD", LIMITED, carol)
+            assert (await client.response(10)).status == 404
+            client.send("HEAD", LIMITED, carol)
+            limited = await client.response(10)
+            assert limited.status == 429 and limited.body == b""
+            assert limited.header("retry-after") is not None
+            client.send("GET", "/healthz")
+            assert (await client.response(10)).status == 200
