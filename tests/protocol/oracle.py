@@ -5,33 +5,14 @@ bodies parsed by the WHATWG parser of ``tests.sse_parser``."""
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 from collections.abc import Iterable
 from typing import Any
 
 import h11
 
-from tests.protocol.rawhttp import Loopback
+from tests.protocol.rawhttp import Loopback, Response
 from tests.sse_parser import Event, SSEParser
-
-
-class Response:
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> None:
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def header(self, name: str) -> str | None:
-        values = self.header_values(name)
-        return values[0] if values else None
-
-    def header_values(self, name: str) -> list[str]:
-        key = name.lower().encode()
-        return [v.decode("latin-1") for k, v in self.headers if k.lower() == key]
-
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 class Client(Loopback):
@@ -91,7 +72,7 @@ class Client(Loopback):
     async def head(self, within: float = 5.0) -> Response:
         event = await self._event(within)
         assert isinstance(event, h11.Response), event
-        return Response(event.status_code, list(event.headers))
+        return Response(event.status_code, event.http_version, list(event.headers))
 
     async def body(self, within: float = 5.0) -> bytes:
         out = bytearray()

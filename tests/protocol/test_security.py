@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sseserver.config import parse_rate
 from tests.conftest import running_server, server_process
 from tests.jwt_keys import b64url, public_pem
-from tests.protocol.oracle import Client, Response, fetch
+from tests.protocol.oracle import Client, fetch
+from tests.protocol.rawhttp import Response
 from tests.sse_parser import Event
 from tests.support.waits import eventually
 
