@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack
 
 from .config import Config, MiB, load_config
 from .generations import Generation, Generations
+from .http.heartbeat import Ticked
 from .http.loops import loop_factory
 from .http.server import Server
 from .http.stream import EventStream
@@ -102,7 +103,7 @@ def observe_responses(server: Server, metrics: Metrics) -> None:
             if stream.close_reason == "slow_client":
                 metrics.slow_drops.inc()
 
-    def count_stream(stream: EventStream, delta: int) -> None:
+    def count_stream(stream: Ticked, delta: int) -> None:
         metrics.open_streams.labels(stream_kind(stream.request.path)).inc(delta)
 
     state.on_response_done = response_done

@@ -8,14 +8,28 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..wire.chunked import Frame
 from ..wire.errors import error_event_data
 from ..wire.sse import encode_comment, encode_event, encode_retry
+from .request import Request
 
-if TYPE_CHECKING:
-    from .stream import EventStream
+
+class Ticked(Protocol):
+    """What the shared tick needs of a stream (``Ticked`` is one)."""
+
+    request: Request
+    idle_ticks: int  # ticks since the stream's last write
+    deadline: float  # monotonic time it must end by (0: never)
+    deadline_reason: str
+    close_reason: str  # why it ended ("" while open)
+
+    def write_frame(self, f: Frame) -> bool: ...
+    def write(self, payload: bytes) -> None: ...
+    def close(self, reason: str = "complete") -> None: ...
+    def abort_connection(self) -> None: ...
+
 
 PING = Frame.of(encode_comment("ping"))
 TOKEN_EXPIRED = encode_event(
@@ -40,22 +54,22 @@ class StreamRegistry:
         self.heartbeat_s = heartbeat_s
         self.max_stream_s = max_stream_s
         self.retry_ms = retry_ms
-        self.streams: set[EventStream] = set()
-        self._lingering: list[tuple[float, EventStream]] = []
+        self.streams: set[Ticked] = set()
+        self._lingering: list[tuple[float, Ticked]] = []
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.pings_sent = 0
         self.ticks = 0
         self.on_tick: Callable[[], None] | None = None
         # Told of each stream opening (+1) and ending (-1): gauges true at any moment.
-        self.on_count: Callable[[EventStream, int], None] | None = None
+        self.on_count: Callable[[Ticked, int], None] | None = None
 
-    def add(self, stream: EventStream) -> None:
+    def add(self, stream: Ticked) -> None:
         self.streams.add(stream)
         if self.on_count is not None:
             self.on_count(stream, 1)
 
-    def discard(self, stream: EventStream) -> None:
+    def discard(self, stream: Ticked) -> None:
         if stream in self.streams:
             self.streams.remove(stream)
             if self.on_count is not None:
@@ -68,7 +82,7 @@ class StreamRegistry:
             return 0.0
         return time.monotonic() + self.max_stream_s * random.uniform(0.9, 1.0)
 
-    def linger(self, stream: EventStream) -> None:
+    def linger(self, stream: Ticked) -> None:
         self._lingering.append((time.monotonic() + self.LINGER_S, stream))
 
     @property
@@ -112,7 +126,7 @@ class StreamRegistry:
             self._lingering = keep
         self._schedule()
 
-    def _expire(self, stream: EventStream) -> None:
+    def _expire(self, stream: Ticked) -> None:
         if stream.deadline_reason == "token_expired":
             stream.write(TOKEN_EXPIRED)
         else:

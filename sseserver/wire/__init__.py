@@ -1,1 +1,1 @@
-"""sseserver.wire"""
+"""Pure wire code, no asyncio: SSE encoding, chunk framing, error shapes, ids."""
