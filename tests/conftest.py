@@ -10,9 +10,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import replace
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import settings
 
-from sseserver.cli import make_server
-from sseserver.config import Config
-from sseserver.http.server import Server
+from tests.support.servers import running_server as running_server
 
 # Property-based tests: `make test` draws the same examples on every run (a fixed seed,
 # no example database), so CI never passes or fails by luck; `make fuzz` selects the
@@ -59,18 +56,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@asynccontextmanager
-async def running_server(config: Config | None = None, **overrides: Any) -> AsyncIterator[Server]:
-    """An in-process server on a free loopback port; shut down (phased) on exit."""
-    config = replace(config or Config(), port=0, **overrides)
-    server = make_server(config, environ={})
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.shutdown()
 
 
 def wait_for_port(

@@ -16,38 +16,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 import h11
 
-from sseserver import cli
-from sseserver.config import Config
-from sseserver.http.server import Server
-from sseserver.web.context import Context
 from tests.sse_parser import Event, SSEParser
+from tests.support.servers import app_server as app_server
 
 HOST = "127.0.0.1"
 READ_SIZE = 65536
 
 
 # -- servers -----------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def app_server(**overrides: Any) -> AsyncIterator[tuple[Server, Context]]:
-    """An in-process server on a free loopback port, composed exactly as production does
-    (``sseserver.cli.compose``), plus a handle on its application ``Context``
-    (generations, hub) for white-box assertions; shut down (phased) on exit."""
-    config = replace(Config(), port=0, **overrides).validate()
-    server, ctx = cli.compose(config, environ={})
-    await server.start()
-    try:
-        yield server, ctx
-    finally:
-        await server.shutdown()
 
 
 # -- responses ---------------------------------------------------------------------------
