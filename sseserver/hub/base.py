@@ -110,14 +110,25 @@ class Hub(Protocol):
     """What generations, routes and the composition root use of a hub; every backend
     implements it (``memory``; ``redis`` keeps a memory hub as its local mirror)."""
 
-    # What history holds now (bytes, by the budget's count), and what remembering one
-    # closed topic costs (a listener of closed topics adds its own share).
-    held_bytes: int
+    # What remembering one closed topic costs (a listener of closed topics adds its own
+    # share), and who is told of each closed topic forgotten after the resume window.
     closed_topic_bytes: int
-    # Called with each closed topic forgotten after the resume window (or the budget).
     on_forget: Callable[[str], None] | None
-    deliveries: int  # frames written to subscribers so far (joined writes count each)
-    evicted: int  # updates dropped to stay within the byte budget so far
+
+    @property
+    def held_bytes(self) -> int:
+        """What history holds now, by the budget's count."""
+        ...
+
+    @property
+    def deliveries(self) -> int:
+        """Frames written to subscribers so far (joined writes count each)."""
+        ...
+
+    @property
+    def evicted(self) -> int:
+        """Updates dropped to stay within the byte budget so far."""
+        ...
 
     @property
     def ready(self) -> bool: ...

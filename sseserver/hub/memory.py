@@ -69,7 +69,7 @@ COMPACT_AFTER = 1024
 
 
 # The frame's bytes object and the id's str, rounded up to the allocator's step (for
-# the rare ones past SMALL_OBJECT_MAX, a few bytes too many): inline, it runs per token.
+# the rare ones past SMALL_OBJECT_MAX, a few bytes too many).
 _BYTES_ROUNDING = BYTES_HEAD + SMALL_OBJECT_STEP - 1
 _STR_ROUNDING = STR_HEAD + SMALL_OBJECT_STEP - 1
 _STEP_MASK = ~(SMALL_OBJECT_STEP - 1)
@@ -283,11 +283,7 @@ class MemoryHub:
             self._let_go(held.pop(0))  # a memmove of ``history`` pointers
             self._stale += 1
         held.append(update)
-        cost = update.cost = (
-            UPDATE_OVERHEAD
-            + ((_BYTES_ROUNDING + len(update.frame.chunked)) & _STEP_MASK)
-            + ((_STR_ROUNDING + len(update.id)) & _STEP_MASK)
-        )  # update_cost(update), inline: this runs for every token
+        cost = update.cost = update_cost(update)
         self._by_id[update.id] = update
         self._by_age.append(update)
         self.held_bytes += cost

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from ..wire.chunked import Frame
-from .base import Subscription, Update, stop_tasks
+from .base import Update, stop_tasks
 from .memory import MemoryHub, MiB
 
 log = logging.getLogger("sseserver.hub")
@@ -59,9 +59,24 @@ class RedisHub:
         stream_key: str = STREAM_KEY,
         max_len: int | None = None,
     ) -> None:
-        self.local = MemoryHub(
+        local = self.local = MemoryHub(
             history, history_age_s, history_bytes=history_bytes, resume_window_s=resume_window_s
         )
+        # The Hub interface's reads and local writes are the mirror's own methods, bound
+        # here rather than wrapped one by one; what Redis changes is defined below.
+        self.make_update = local.make_update
+        self.subscribe = local.subscribe
+        self.replay = local.replay
+        self.attach = local.attach
+        self.unsubscribe = local.unsubscribe
+        self.held = local.held
+        self.get = local.get
+        self.last_id = local.last_id
+        self.owner = local.owner
+        self.is_closed = local.is_closed
+        self.close_topic = local.close_topic
+        self.close_all = local.close_all
+        self.subscriber_count = local.subscriber_count
         self.url = url
         self._redis: aioredis.Redis | None = aioredis.from_url(
             url, socket_connect_timeout=2, socket_keepalive=True, health_check_interval=10
@@ -128,69 +143,6 @@ class RedisHub:
     @property
     def evicted(self) -> int:
         return self.local.evicted
-
-    def subscriber_count(self, topic: str | None = None) -> int:
-        return self.local.subscriber_count(topic)
-
-    def make_update(
-        self,
-        topics: tuple[str, ...],
-        data: str | None,
-        *,
-        id: str | None = None,
-        event: str | None = None,
-        retry: int | None = None,
-        private: bool = False,
-        final: bool = False,
-        owner: str | None = None,
-    ) -> Update:
-        return self.local.make_update(
-            topics,
-            data,
-            id=id,
-            event=event,
-            retry=retry,
-            private=private,
-            final=final,
-            owner=owner,
-        )
-
-    async def subscribe(
-        self, subscription: Subscription, last_event_id: str | None
-    ) -> tuple[list[Update], bool]:
-        return await self.local.subscribe(subscription, last_event_id)
-
-    def replay(
-        self, subscription: Subscription, last_event_id: str | None
-    ) -> tuple[list[Update], bool]:
-        return self.local.replay(subscription, last_event_id)
-
-    def attach(self, subscription: Subscription) -> None:
-        self.local.attach(subscription)
-
-    def unsubscribe(self, subscription: Subscription) -> None:
-        self.local.unsubscribe(subscription)
-
-    def held(self, topic: str) -> list[Update]:
-        return self.local.held(topic)
-
-    def get(self, event_id: str) -> Update | None:
-        return self.local.get(event_id)
-
-    def last_id(self, topic: str | None = None) -> str | None:
-        return self.local.last_id(topic)
-
-    def owner(self, topic: str) -> str | None:
-        return self.local.owner(topic)
-
-    def is_closed(self, topic: str) -> bool:
-        return self.local.is_closed(topic)
-
-    def close_topic(self, topic: str, reason: str = "complete") -> None:
-        self.local.close_topic(topic, reason)
-
-    def close_all(self, reason: str = "shutdown") -> None:
-        self.local.close_all(reason)
 
     @property
     def redis(self) -> aioredis.Redis | None:

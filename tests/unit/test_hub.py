@@ -716,3 +716,16 @@ def test_every_hub_scheme_config_accepts_has_a_backend() -> None:
     assert isinstance(hub, MemoryHub) and hub.history == 5 and hub.history_bytes == 1 << 20
     with pytest.raises(ValueError, match="--hub"):
         load_hub("postgres://x", history=5, history_age_s=60, history_bytes=1, resume_window_s=1)
+
+
+def test_every_backend_is_a_hub() -> None:
+    """Checked by mypy (``make test`` runs it over the tests): a backend that drifts
+    from the interface the application is typed against fails here."""
+    from sseserver.hub.base import Hub
+    from sseserver.hub.redis import RedisHub
+
+    def as_hubs(memory_hub: MemoryHub, redis_hub: RedisHub) -> tuple[Hub, Hub]:
+        return memory_hub, redis_hub
+
+    hubs = as_hubs(MemoryHub(), RedisHub("redis://127.0.0.1:1/0"))
+    assert [h.held_bytes for h in hubs] == [0, 0]
