@@ -34,7 +34,7 @@ run: $(STAMP)
 test: $(STAMP) $(NODE_STAMP)
 	$(VENV)/bin/ruff check sseserver tests bench
 	$(VENV)/bin/ruff format --check sseserver tests bench
-	$(VENV)/bin/mypy sseserver tests
+	$(VENV)/bin/mypy sseserver tests bench
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 test-unit: $(STAMP)
@@ -49,7 +49,7 @@ test-integration: $(STAMP) $(NODE_STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sseserver tests bench
 	$(VENV)/bin/ruff format --check sseserver tests bench
-	$(VENV)/bin/mypy sseserver tests
+	$(VENV)/bin/mypy sseserver tests bench
 
 bench: $(STAMP)
 	$(PY) -m bench.micro

@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from tests.support.procs import raise_nofile
+
 now = time.monotonic  # CLOCK_MONOTONIC: one clock for every process on the machine
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -46,16 +48,6 @@ PORTS_PER_SOURCE = 25_000
 
 
 # -- process measurements ----------------------------------------------------------------
-
-
-def raise_nofile() -> int:
-    """Raise RLIMIT_NOFILE's soft limit to the hard one; return the new limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1_048_576
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
 
 
 def proc_cpu_s(pid: int) -> float:

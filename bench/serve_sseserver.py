@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from bench.loadgen import raise_nofile
 from sseserver.cli import main
+from tests.support.procs import raise_nofile
 
 if __name__ == "__main__":
     raise_nofile()

@@ -30,11 +30,13 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import get_request, proc_cpu_s, proc_rss_kb, raise_nofile, stream_target
-from bench.run import RESULTS, ROOT, free_port, http_get
+from bench.harness import RESULTS, ROOT, free_port, http_get
+from bench.loadgen import get_request, proc_cpu_s, proc_rss_kb, stream_target
+from tests.support.procs import raise_nofile
 
 SERVER_CORE = "0"
 DRIVER_CORE = "1"
@@ -356,12 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     proc = start_server(args, port)
     try:
+        runner: Callable[[Coroutine[Any, Any, dict[str, Any]]], dict[str, Any]] = asyncio.run
         try:
             import uvloop
 
             runner = uvloop.run
         except ImportError:
-            runner = asyncio.run
+            pass
         result = runner(soak(args, proc.pid, port, say))
     finally:
         proc.terminate()

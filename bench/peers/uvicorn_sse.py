@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from urllib.parse import parse_qs
 
 import uvicorn
-from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response

@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 
 from sseserver.generations import parse_event_id
-from tests.conftest import ARTIFACTS
-from tests.integration.browser import (
+from tests.support.browser import (
+    ARTIFACTS,
     answer,
     ask,
     chromium,
     count_starts,
     demo_hooks,
-    demo_server,
     js_errors,
     open_demo,
     sample_answer,
@@ -31,6 +30,7 @@ from tests.integration.browser import (
     stream_connections,
     wait_for_state,
 )
+from tests.support.servers import app_server
 from tests.support.synthetic import expected_text
 from tests.support.waits import eventually
 
@@ -48,7 +48,7 @@ def _number(text: str | None) -> float:
 async def test_answer_streams_token_by_token(tmp_path: Path) -> None:
     tokens = 60
     full = expected_text(tokens)
-    async with demo_server() as (server, ctx), chromium(tmp_path / "profile") as browser:
+    async with app_server() as (server, ctx), chromium(tmp_path / "profile") as browser:
         started = count_starts(ctx)
         page = await open_demo(browser, server.port, f"?tokens={tokens}&interval_ms=40")
         assert await page.input_value("#provider") == "synthetic"
@@ -99,7 +99,7 @@ async def test_answer_streams_token_by_token(tmp_path: Path) -> None:
 
 async def test_stop_cancels_the_generation(tmp_path: Path) -> None:
     tokens = 2000
-    async with demo_server() as (server, ctx), chromium(tmp_path / "profile") as browser:
+    async with app_server() as (server, ctx), chromium(tmp_path / "profile") as browser:
         started = count_starts(ctx)
         page = await open_demo(browser, server.port, f"?tokens={tokens}&interval_ms=20")
         await ask(page, "Tell me a long story.")
@@ -135,7 +135,7 @@ async def test_resume_after_server_side_drop(tmp_path: Path) -> None:
     tokens = 150
     full = expected_text(tokens)
     async with (
-        demo_server(resume_grace_s=5, retry_ms=1000) as (server, ctx),
+        app_server(resume_grace_s=5, retry_ms=1000) as (server, ctx),
         chromium(tmp_path / "profile") as browser,
     ):
         started = count_starts(ctx)
@@ -177,7 +177,7 @@ async def test_resume_after_server_side_drop(tmp_path: Path) -> None:
 async def test_watch_page_shows_the_same_answer(tmp_path: Path) -> None:
     tokens = 100
     full = expected_text(tokens)
-    async with demo_server() as (server, ctx), chromium(tmp_path / "profile") as browser:
+    async with app_server() as (server, ctx), chromium(tmp_path / "profile") as browser:
         started = count_starts(ctx)
         page = await open_demo(browser, server.port, f"?tokens={tokens}&interval_ms=30")
         await ask(page, "Who else is watching?")

@@ -27,10 +27,12 @@ from typing import Any
 import pytest
 
 from sseserver.providers.synthetic import token_text
-from tests.conftest import server_process
-from tests.integration.logtail import LogTail
-from tests.integration.nginx import Nginx, bare_proxy_config, deploy_config, nginx_running
-from tests.sse_parser import Event, SSEParser
+from tests.support.chunks import ChunkedDecoder
+from tests.support.logtail import LogTail
+from tests.support.nginx import Nginx, bare_proxy_config, deploy_config, nginx_running
+from tests.support.procfs import TCP_ESTABLISHED, tcp_sockets
+from tests.support.procs import server_process
+from tests.support.sse_parser import Event, SSEParser
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -74,47 +76,6 @@ def start_nginx(kind: str, tmp_path: Path, upstream_port: int) -> AbstractContex
 
 
 # -- a raw HTTP/1.1 client that timestamps every event ----------------------------------
-
-
-class ChunkedDecoder:
-    """Incremental ``Transfer-Encoding: chunked`` decoder (passes data on as it comes)."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._left = 0  # bytes of the current chunk still to come
-        self._crlf = False  # the CRLF closing a chunk's data is still to come
-        self.done = False
-
-    def feed(self, data: bytes) -> bytes:
-        self._buf += data
-        out = bytearray()
-        while not self.done:
-            if self._left:
-                take = min(self._left, len(self._buf))
-                if not take:
-                    break
-                out += self._buf[:take]
-                del self._buf[:take]
-                self._left -= take
-                self._crlf = self._left == 0
-                continue
-            if self._crlf:
-                if len(self._buf) < 2:
-                    break
-                assert self._buf[:2] == b"\r\n", f"chunk not followed by CRLF: {self._buf[:20]!r}"
-                del self._buf[:2]
-                self._crlf = False
-                continue
-            end = self._buf.find(b"\r\n")
-            if end < 0:
-                break
-            line = bytes(self._buf[:end])
-            del self._buf[: end + 2]
-            size = int(line.split(b";")[0].strip(), 16)
-            if size == 0:
-                self.done = True  # (trailers, if any, are not needed here)
-            self._left = size
-        return bytes(out)
 
 
 @dataclass
@@ -255,18 +216,11 @@ def check_token_stream(
 def upstream_connections(upstream_port: int) -> set[int]:
     """Local ports of ESTABLISHED loopback TCP connections whose peer is
     ``upstream_port`` (the nginx side of nginx → sseserver connections)."""
-    ports: set[int] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            cols = row.split()
-            local, remote, state = cols[1], cols[2], cols[3]
-            if state == "01" and int(remote.rsplit(":", 1)[1], 16) == upstream_port:
-                ports.add(int(local.rsplit(":", 1)[1], 16))
-    return ports
+    return {
+        local
+        for local, remote, state, _inode in tcp_sockets()
+        if state == TCP_ESTABLISHED and remote == upstream_port
+    }
 
 
 async def wait_connections(

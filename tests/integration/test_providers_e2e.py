@@ -32,11 +32,12 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
-from tests.integration.nginx import Nginx, deploy_config, nginx_running
-from tests.integration.redis_server import ServerProcess, sseserver_running
-from tests.integration.upstream_procs import UpstreamProcess, start_upstream
-from tests.protocol.rawhttp import RawClient, SSEReader, open_stream, seq_of, split_chunks, text_of
-from tests.sse_parser import Event
+from tests.support.chunks import split_chunks
+from tests.support.nginx import Nginx, deploy_config, nginx_running
+from tests.support.rawhttp import RawClient, SSEReader, open_stream, seq_of, text_of
+from tests.support.redis_server import ServerProcess, sseserver_running
+from tests.support.sse_parser import Event
+from tests.support.upstream_procs import UpstreamProcess, start_upstream
 from tests.upstreams import expected_text
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

@@ -24,13 +24,7 @@ import jwt
 import pytest
 
 from sseserver.providers.synthetic import token_text
-from tests.integration.redis_server import (
-    RedisServer,
-    ServerProcess,
-    redis_running,
-    sseserver_running,
-)
-from tests.protocol.rawhttp import (
+from tests.support.rawhttp import (
     RawClient,
     Response,
     SSEReader,
@@ -39,7 +33,13 @@ from tests.protocol.rawhttp import (
     seq_of,
     text_of,
 )
-from tests.sse_parser import Event
+from tests.support.redis_server import (
+    RedisServer,
+    ServerProcess,
+    redis_running,
+    sseserver_running,
+)
+from tests.support.sse_parser import Event
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -26,8 +26,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, require, require_binary, server_process
-from tests.integration.logtail import LOG_WAIT_S, LogTail
+from tests.support.logtail import LOG_WAIT_S, LogTail
+from tests.support.procs import ROOT, server_process
+from tests.support.requirements import require, require_binary
 from tests.support.synthetic import expected_text
 from tests.upstreams import RequestRecord
 from tests.upstreams import token_text as upstream_token_text

@@ -20,77 +20,26 @@ from urllib.parse import urlencode
 
 import pytest
 
-from tests.conftest import require
-from tests.integration.redis_server import ServerProcess, redis_running, sseserver_running
-from tests.protocol.rawhttp import RawClient, SSEReader, open_stream, read_until_id
+from tests.support.procfs import (
+    TCP_ESTABLISHED,
+    TCP_LISTEN,
+    alive,
+    children,
+    have_proc,
+    socket_inodes,
+    tcp_sockets,
+)
+from tests.support.rawhttp import RawClient, SSEReader, open_stream, read_until_id
+from tests.support.redis_server import ServerProcess, redis_running, sseserver_running
+from tests.support.requirements import require
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 PATH = "/.well-known/mercure"
 FORM = [("Content-Type", "application/x-www-form-urlencoded")]
-TCP_LISTEN = "0A"
-TCP_ESTABLISHED = "01"
 
 
 # -- /proc -------------------------------------------------------------------------------
-
-
-def children(pid: int) -> set[int]:
-    """Live child processes of ``pid`` (zombies excluded)."""
-    out = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        state, ppid = fields[0], int(fields[1])
-        if ppid == pid and state != "Z":
-            out.add(int(entry))
-    return out
-
-
-def have_proc() -> bool:
-    return os.path.exists("/proc/net/tcp")
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
-
-
-def socket_inodes(pid: int) -> set[int]:
-    inodes: set[int] = set()
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return inodes
-    for fd in fds:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return inodes
-
-
-def tcp_sockets() -> Iterable[tuple[int, int, str, int]]:
-    """(local port, remote port, state, inode) of every TCP socket (IPv4 and IPv6)."""
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(name).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            local, remote, state, inode = parts[1], parts[2], parts[3], int(parts[9])
-            yield int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16), state, inode
 
 
 def listening_workers(port: int, workers: set[int]) -> set[int]:

@@ -13,7 +13,7 @@ import pytest
 
 from sseserver.http.protocol import HTTPProtocol
 from sseserver.http.stream import EventStream
-from tests.protocol.hardening import (
+from tests.support.hardening import (
     HARDENED,
     HOST,
     RST,

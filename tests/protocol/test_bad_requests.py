@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.protocol.hardening import (
+from tests.support.hardening import (
     HARDENED,
     HEAD_TIMEOUT,
     HOST,

@@ -18,8 +18,8 @@ from openai import AsyncOpenAI
 
 from sseserver.config import parse_rate
 from sseserver.http.server import Server
-from tests.conftest import running_server
-from tests.sse_parser import SSEParser
+from tests.support.servers import running_server
+from tests.support.sse_parser import SSEParser
 from tests.support.synthetic import expected_text
 
 pytestmark = pytest.mark.timeout(60)

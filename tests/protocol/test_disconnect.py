@@ -14,21 +14,14 @@ import pytest
 
 from sseserver.generations import Generation
 from sseserver.http.server import Server
-from tests.protocol.rawhttp import RawClient, SSEReader, app_server, open_stream
+from tests.support.rawhttp import RawClient, open_stream, start_generation
+from tests.support.servers import app_server
 from tests.support.waits import eventually
 
 pytestmark = pytest.mark.timeout(30)
 
 PROMPT_CANCEL_S = 0.1
 START_ID = re.compile(rb'event: start\ndata: \{"id":"([^"]+)"')
-
-
-async def start_generation(port: int, target: str) -> tuple[RawClient, SSEReader, str]:
-    client, resp, reader = await open_stream(port, target)
-    assert resp.status == 200
-    start = await reader.next()
-    assert start.type == "start"
-    return client, reader, json.loads(start.data)["id"]
 
 
 def hang_up(client: RawClient, how: str) -> None:

@@ -21,8 +21,9 @@ import pytest
 from sseserver.generations import Generation
 from sseserver.http.protocol import HTTPProtocol
 from sseserver.http.server import Server
-from tests.protocol.rawhttp import HOST, app_server, open_stream
-from tests.sse_parser import SSEParser
+from tests.support.rawhttp import HOST, open_stream
+from tests.support.servers import app_server
+from tests.support.sse_parser import SSEParser
 from tests.support.waits import eventually
 
 pytestmark = pytest.mark.timeout(60)

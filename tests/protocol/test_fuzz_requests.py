@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.protocol.hardening import (
+from tests.support.hardening import (
     HARDENED,
     HEAD_TIMEOUT,
     SLACK,

@@ -20,8 +20,10 @@ from sseserver.generations import Generation, topic_of
 from sseserver.providers.base import Delta, GenerationRequest, Provider
 from sseserver.providers.synthetic import token_text
 from sseserver.web.context import Context
-from tests.protocol.rawhttp import RawClient, SSEReader, app_server, open_stream, seq_of, text_of
-from tests.sse_parser import Event
+from tests.support import rawhttp
+from tests.support.rawhttp import RawClient, SSEReader, open_stream, seq_of, text_of
+from tests.support.servers import app_server
+from tests.support.sse_parser import Event
 from tests.support.waits import eventually
 
 pytestmark = pytest.mark.timeout(60)
@@ -62,12 +64,9 @@ def counting(ctx: Context) -> CountingProvider:
 
 
 async def start_generation(port: int, query: str) -> tuple[RawClient, SSEReader, str]:
-    client, resp, reader = await open_stream(port, f"/v1/stream?{query}")
-    assert resp.status == 200
-    start = await reader.next()
-    assert start.type == "start"
+    client, reader, gen_id = await rawhttp.start_generation(port, f"/v1/stream?{query}")
+    start = reader.parser.events[0]
     assert start.last_event_id.endswith(":0")
-    gen_id = json.loads(start.data)["id"]
     assert start.last_event_id == f"{gen_id}:0"
     return client, reader, gen_id
 

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from tests.protocol.rawhttp import RawClient, Response, SSEReader, app_server, open_stream
+from tests.support.rawhttp import RawClient, Response, SSEReader, open_stream
+from tests.support.servers import app_server
 from tests.support.waits import eventually
 
 pytestmark = pytest.mark.timeout(60)

@@ -9,15 +9,10 @@ import json
 import h11
 import pytest
 
-from tests.protocol.rawhttp import (
-    RawClient,
-    SSEReader,
-    app_server,
-    open_stream,
-    split_chunks,
-    text_of,
-)
-from tests.sse_parser import parse
+from tests.support.chunks import split_chunks
+from tests.support.rawhttp import RawClient, SSEReader, open_stream, text_of
+from tests.support.servers import app_server
+from tests.support.sse_parser import parse
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -12,11 +12,11 @@ from urllib.parse import urlencode
 import h11
 import pytest
 
-from tests.conftest import running_server
-from tests.protocol.hardening import (
+from tests.support.hardening import (
     HOST,
 )
-from tests.sse_parser import SSEParser
+from tests.support.servers import running_server
+from tests.support.sse_parser import SSEParser
 
 pytestmark = pytest.mark.timeout(240)
 

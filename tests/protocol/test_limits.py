@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from tests.protocol.rawhttp import RawClient, Response, app_server
+from tests.support.rawhttp import RawClient, Response
+from tests.support.servers import app_server
 from tests.support.waits import eventually
 
 pytestmark = pytest.mark.timeout(30)

@@ -14,8 +14,9 @@ import pytest
 
 from sseserver.generations import topic_of
 from sseserver.providers.synthetic import token_text
-from tests.protocol.rawhttp import RawClient, app_server, open_stream, seq_of
-from tests.sse_parser import Event
+from tests.support.rawhttp import RawClient, open_stream, seq_of
+from tests.support.servers import app_server
+from tests.support.sse_parser import Event
 from tests.support.waits import eventually
 
 pytestmark = pytest.mark.timeout(120)

@@ -27,16 +27,11 @@ from sseserver.http.protocol import HTTPProtocol
 from sseserver.http.server import Server
 from sseserver.hub.memory import MemoryHub
 from sseserver.web.context import Context
-from tests.protocol.rawhttp import (
-    HOST,
-    RawClient,
-    Response,
-    SSEReader,
-    app_server,
-    open_stream,
-    read_until_id,
-)
-from tests.sse_parser import Event, SSEParser
+from tests.support.chunks import complete_chunks
+from tests.support.jwt_keys import bearer
+from tests.support.rawhttp import HOST, RawClient, Response, SSEReader, open_stream, read_until_id
+from tests.support.servers import app_server
+from tests.support.sse_parser import Event, SSEParser
 from tests.support.waits import eventually
 
 pytestmark = pytest.mark.timeout(120)
@@ -59,10 +54,6 @@ def memory_hub(ctx: Context) -> MemoryHub:
 
 def token(**mercure: Any) -> str:
     return jwt.encode({"sub": "tester", "mercure": mercure}, SECRET, algorithm="HS256")
-
-
-def bearer(tok: str) -> list[tuple[str, str]]:
-    return [("Authorization", f"Bearer {tok}")]
 
 
 def sub_target(*topics: str, **params: str) -> str:
@@ -127,21 +118,6 @@ async def nothing_more(reader: SSEReader, within: float = 0.2) -> None:
     except TimeoutError:
         return
     raise AssertionError(f"unexpected event {reader.parser.events[before:]}")
-
-
-def dechunk_complete(data: bytes) -> bytes:
-    """The payload of the complete chunks at the start of ``data`` (a body cut short)."""
-    out = bytearray()
-    pos = 0
-    while True:
-        eol = data.find(b"\r\n", pos)
-        if eol < 0:
-            return bytes(out)
-        size = int(data[pos:eol], 16)
-        if size == 0 or len(data) < eol + 2 + size + 2:
-            return bytes(out)
-        out += data[eol + 2 : eol + 2 + size]
-        pos = eol + 2 + size + 2
 
 
 # -- subscribe and publish ---------------------------------------------------------------
@@ -820,7 +796,7 @@ async def test_slow_subscriber_is_cut_and_does_not_hold_back_the_others(
             head, _, body = raw.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200")
             parser = SSEParser()
-            got = parser.feed(dechunk_complete(body))
+            got = parser.feed(complete_chunks(body))
             slow_ids = [e.last_event_id for e in got]
             assert slow_ids == expected[: len(slow_ids)], "the slow one saw a gap"
             assert len(slow_ids) < events

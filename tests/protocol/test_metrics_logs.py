@@ -18,9 +18,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sseserver.config import parse_rate
-from tests.conftest import running_server, server_process
-from tests.protocol.oracle import Client, fetch
-from tests.sse_parser import Event
+from tests.support.oracle import Client, fetch
+from tests.support.procs import server_process
+from tests.support.servers import running_server
+from tests.support.sse_parser import Event
 from tests.support.waits import eventually
 
 pytestmark = pytest.mark.timeout(60)

@@ -15,7 +15,9 @@ from typing import Any
 import jwt
 import pytest
 
-from tests.protocol.rawhttp import RawClient, Response, SSEReader, app_server, open_stream
+from tests.support.jwt_keys import bearer
+from tests.support.rawhttp import RawClient, Response, open_stream, start_generation
+from tests.support.servers import app_server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,10 +34,6 @@ def token(sub: str | None, subscribe: list[str] | None = None) -> str:
     return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
-def bearer(tok: str) -> list[tuple[str, str]]:
-    return [("Authorization", f"Bearer {tok}")]
-
-
 async def call(port: int, method: str, target: str, tok: str, extra: Any = ()) -> Response:
     async with await RawClient.connect(port) as client:
         client.request(method, target, [*bearer(tok), *extra])
@@ -47,19 +45,11 @@ def comparable(resp: Response) -> tuple[int, Any]:
     return resp.status, json.loads(resp.body)
 
 
-async def start(port: int, tok: str) -> tuple[RawClient, SSEReader, str]:
-    client, resp, reader = await open_stream(port, LONG, headers=bearer(tok))
-    assert resp.status == 200
-    first = await reader.next()
-    assert first.type == "start"
-    return client, reader, json.loads(first.data)["id"]
-
-
 async def test_only_the_owner_or_a_covering_claim_may_watch_resume_or_cancel() -> None:
     alice, bob = token("alice"), token("bob")
     async with app_server(jwt_secret=SECRET) as (server, ctx):
         port = server.port
-        origin, reader, gen_id = await start(port, alice)
+        origin, reader, gen_id = await start_generation(port, LONG, bearer(alice))
         async with origin:
             await reader.until(lambda r: len(r.parser.events) >= 4)
             unknown_watch = comparable(await call(port, "GET", "/v1/streams/nope", bob))

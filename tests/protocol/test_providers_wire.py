@@ -19,7 +19,6 @@ import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -41,12 +40,13 @@ from sseserver.providers.base import (
 from sseserver.providers.gemini import GeminiProvider
 from sseserver.providers.openai import OpenAIProvider
 from sseserver.providers.openai_fast import FastOpenAIProvider
+from tests.support.mock_transport import ask
+from tests.support.procs import ROOT
 from tests.upstreams import ConnectionRecord, FakeUpstream, expected_text
 from tests.upstreams.gemini_wire import GeminiWire
 from tests.upstreams.openai_wire import OpenAIWire
 
 CANCEL_BUDGET_S = 0.100  # SPEC §7
-ROOT = Path(__file__).resolve().parents[2]
 
 
 # The concrete classes, not the Provider protocol: their ``stream`` is an async generator,
@@ -96,10 +96,6 @@ async def environment(kind: Kind, timeout_s: float = 5.0) -> AsyncIterator[Env]:
 async def env(request: pytest.FixtureRequest) -> AsyncIterator[Env]:
     async with environment(request.param, timeout_s=0.5) as e:
         yield e
-
-
-def ask(prompt: str, **kw: Any) -> GenerationRequest:
-    return GenerationRequest(model=None, messages=(Message("user", prompt),), **kw)
 
 
 async def collect(provider: AnyProvider, request: GenerationRequest) -> list[Delta]:

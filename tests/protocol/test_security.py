@@ -19,11 +19,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from sseserver.config import parse_rate
-from tests.conftest import running_server, server_process
-from tests.jwt_keys import b64url, public_pem
-from tests.protocol.oracle import Client, fetch
-from tests.protocol.rawhttp import Response
-from tests.sse_parser import Event
+from tests.support.jwt_keys import b64url, bearer, public_pem
+from tests.support.oracle import Client, fetch
+from tests.support.procs import server_process
+from tests.support.rawhttp import Response
+from tests.support.servers import running_server
+from tests.support.sse_parser import Event
 from tests.support.waits import eventually
 
 pytestmark = pytest.mark.timeout(60)
@@ -65,10 +66,6 @@ def handmade(alg: str, claims: dict[str, Any], key: bytes | None = None) -> str:
     if key is None:
         return signing + "."
     return signing + "." + b64url(hmac.new(key, signing.encode(), hashlib.sha256).digest())
-
-
-def bearer(token: str) -> list[tuple[str, str]]:
-    return [("Authorization", f"Bearer {token}")]
 
 
 async def assert_streams(port: int, target: str, headers: Iterable[tuple[str, str]]) -> None:

@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from sseserver.providers.synthetic import token_text
-from tests.conftest import server_process
-from tests.protocol.rawhttp import RawClient, SSEReader, open_stream, split_chunks, text_of
+from tests.support.chunks import split_chunks
+from tests.support.procs import server_process
+from tests.support.rawhttp import RawClient, SSEReader, open_stream, text_of
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -4,8 +4,10 @@ import asyncio
 
 import pytest
 
-from tests.conftest import read_until, running_server
-from tests.sse_parser import parse
+from tests.support.chunks import split_chunks
+from tests.support.rawhttp import read_until
+from tests.support.servers import running_server
+from tests.support.sse_parser import parse
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -19,17 +21,8 @@ async def test_get_stream_event_sequence() -> None:
         head, _, body = raw.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200")
         assert b"transfer-encoding: chunked" in head.lower()
-        # de-chunk
-        data = bytearray()
-        rest = body
-        while rest:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line, 16)
-            if size == 0:
-                break
-            data += rest[:size]
-            rest = rest[size + 2 :]
-        events = parse(bytes(data))
+        _sizes, data, _after = split_chunks(body)
+        events = parse(data)
         types = [e.type for e in events]
         assert types == ["start", "message", "message", "message", "metrics", "message"]
         assert events[-1].data == "[DONE]"

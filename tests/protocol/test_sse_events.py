@@ -9,8 +9,9 @@ import re
 import pytest
 
 from sseserver.providers.synthetic import token_text
-from tests.protocol.rawhttp import app_server, open_stream, seq_of, text_of
-from tests.sse_parser import SSEParser
+from tests.support.rawhttp import open_stream, seq_of, text_of
+from tests.support.servers import app_server
+from tests.support.sse_parser import SSEParser
 
 pytestmark = pytest.mark.timeout(30)
 

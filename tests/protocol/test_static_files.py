@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import running_server
-from tests.protocol.hardening import (
+from tests.support.hardening import (
     HARDENED,
     HOST,
     PYPROJECT,
@@ -17,6 +16,7 @@ from tests.protocol.hardening import (
     _read_head,
     thread_server,
 )
+from tests.support.servers import running_server
 
 pytestmark = pytest.mark.timeout(240)
 

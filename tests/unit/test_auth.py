@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sseserver.http.request import Request
 from sseserver.web.auth import LEEWAY_S, Authenticator, Claims, token_from
 from sseserver.wire.errors import HTTPError
-from tests.jwt_keys import b64url, public_pem
+from tests.support.jwt_keys import b64url, public_pem
 
 SECRET = "unit-test-secret-that-is-long-enough-for-hs256"
 

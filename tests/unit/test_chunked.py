@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from sseserver.wire.chunked import LAST_CHUNK, Frame, frame
 from sseserver.wire.sse import encode_comment, encode_event
-from tests.sse_parser import Event, SSEParser
+from tests.support.sse_parser import Event, SSEParser
 
 Buffer = bytes | bytearray | memoryview
 

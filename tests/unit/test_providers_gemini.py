@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
-from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import httpx
@@ -28,6 +26,15 @@ from sseserver.providers.base import (
     Usage,
 )
 from sseserver.providers.gemini import PLACEHOLDER_API_KEY, GeminiProvider, retry_after
+from tests.support.mock_transport import (
+    Body,
+    Upstream,
+    ask,
+    no_sockets,  # noqa: F401  (autouse: no test here opens a socket)
+    raising,
+    run,
+    sse_response,
+)
 
 BASE_URL = "http://gemini.test/"
 
@@ -66,79 +73,14 @@ RECORDED = [event(response("Hel", 1)), event(response("lo!", 2, "STOP"))]
 
 
 @pytest.fixture(autouse=True)
-def no_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Unit tests must not open sockets: any connect fails loudly."""
-
-    def refuse(*args: object) -> None:
-        raise AssertionError("unit tests must not open sockets")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-
-
-@pytest.fixture(autouse=True)
 def no_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GENAI_USE_VERTEXAI"):
         monkeypatch.delenv(name, raising=False)
 
 
-class Body(httpx.AsyncByteStream):
-    """A response body from a list of chunks; an exception in the list is raised there.
-    Records ``aclose()``: that is how the provider's closing of the upstream shows here."""
-
-    def __init__(self, chunks: Iterable[bytes | Exception], stall_after: int | None = None):
-        self.chunks = list(chunks)
-        self.stall_after = stall_after
-        self.closed = False
-        self.sent = 0
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for chunk in self.chunks:
-            if isinstance(chunk, Exception):
-                raise chunk
-            if self.stall_after is not None and self.sent >= self.stall_after:
-                await asyncio.Event().wait()  # a stalled upstream (cancelled by the test)
-            self.sent += 1
-            yield chunk
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-
-class Upstream:
-    def __init__(self, respond: Callable[[httpx.Request], httpx.Response]) -> None:
-        self.respond = respond
-        self.requests: list[httpx.Request] = []
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        await request.aread()
-        self.requests.append(request)
-        return self.respond(request)
-
-    def body(self) -> Any:
-        return json.loads(self.requests[-1].content)
-
-
-def sse_response(body: Body) -> Callable[[httpx.Request], httpx.Response]:
-    return lambda request: httpx.Response(
-        200, headers={"content-type": "text/event-stream"}, stream=body
-    )
-
-
 def provider_for(upstream: Upstream, **kw: Any) -> GeminiProvider:
     kw.setdefault("api_key", "g-test")
     return GeminiProvider(base_url=BASE_URL, transport=httpx.MockTransport(upstream), **kw)
-
-
-def ask(text: str = "hi", **kw: Any) -> GenerationRequest:
-    return GenerationRequest(model=None, messages=(Message("user", text),), **kw)
-
-
-async def run(provider: GeminiProvider, request: GenerationRequest | None = None) -> list[Delta]:
-    try:
-        return [d async for d in provider.stream(request or ask())]
-    finally:
-        await provider.aclose()
 
 
 async def test_recorded_stream_gives_deltas_then_finish_and_usage() -> None:
@@ -317,13 +259,6 @@ async def test_error_event_in_stream_maps_like_a_status() -> None:
     assert body.closed
 
 
-def raising(exc: Exception) -> Callable[[httpx.Request], httpx.Response]:
-    def respond(request: httpx.Request) -> httpx.Response:
-        raise exc
-
-    return respond
-
-
 @pytest.mark.parametrize(
     ("exc", "cls"),
     [
@@ -384,7 +319,7 @@ async def test_malformed_chunk_is_protocol_error(bad: bytes) -> None:
 
 async def test_generator_aclose_mid_stream_closes_the_response() -> None:
     # googleapis/python-genai#2425: closing the SDK's stream leaves the response open.
-    body = Body([*RECORDED[:1], *RECORDED], stall_after=2)
+    body = Body([*RECORDED[:1], *RECORDED], gate=asyncio.Event())  # never set: a stalled upstream
     provider = provider_for(Upstream(sse_response(body)))
     gen = provider.stream(ask())
     assert await anext(gen) == Delta(text="Hel")
@@ -395,7 +330,7 @@ async def test_generator_aclose_mid_stream_closes_the_response() -> None:
 
 
 async def test_cancelling_a_consumer_busy_elsewhere_closes_the_response() -> None:
-    body = Body([*RECORDED[:1], *RECORDED], stall_after=2)
+    body = Body([*RECORDED[:1], *RECORDED], gate=asyncio.Event())  # never set: a stalled upstream
     provider = provider_for(Upstream(sse_response(body)))
     first = asyncio.Event()
 

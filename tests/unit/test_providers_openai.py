@@ -10,9 +10,7 @@ import asyncio
 import contextlib
 import email.utils
 import json
-import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import httpx
@@ -33,6 +31,15 @@ from sseserver.providers.base import (
 )
 from sseserver.providers.openai import PLACEHOLDER_API_KEY, OpenAIProvider, retry_after
 from sseserver.providers.openai_fast import FastOpenAIProvider
+from tests.support.mock_transport import (
+    Body,
+    Upstream,
+    ask,
+    no_sockets,  # noqa: F401  (autouse: no test here opens a socket)
+    raising,
+    run,
+    sse_response,
+)
 
 AnyOpenAI = OpenAIProvider | FastOpenAIProvider
 ClientClass = type[OpenAIProvider] | type[FastOpenAIProvider]
@@ -67,62 +74,6 @@ def client_cls(request: pytest.FixtureRequest) -> ClientClass:
     return CLIENTS[request.param]
 
 
-@pytest.fixture(autouse=True)
-def no_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Unit tests must not open sockets: any connect fails loudly."""
-
-    def refuse(*args: object) -> None:
-        raise AssertionError("unit tests must not open sockets")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-
-
-class Body(httpx.AsyncByteStream):
-    """A response body from a list of chunks; an exception in the list is raised there.
-    Records ``aclose()``: that is how the provider's closing of the upstream shows here."""
-
-    def __init__(self, chunks: Iterable[bytes | Exception], gate: asyncio.Event | None = None):
-        self.chunks = list(chunks)
-        self.gate = gate  # when set, the body waits for it after the first chunks
-        self.closed = False
-        self.sent = 0
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for chunk in self.chunks:
-            if isinstance(chunk, Exception):
-                raise chunk
-            if self.gate is not None and self.sent >= 2:
-                await self.gate.wait()
-            self.sent += 1
-            yield chunk
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-
-class Upstream:
-    """A MockTransport handler that answers every request with one prepared response."""
-
-    def __init__(self, respond: Callable[[httpx.Request], httpx.Response]) -> None:
-        self.respond = respond
-        self.requests: list[httpx.Request] = []
-
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        await request.aread()
-        self.requests.append(request)
-        return self.respond(request)
-
-    def body(self) -> Any:
-        return json.loads(self.requests[-1].content)
-
-
-def sse_response(body: Body, status: int = 200) -> Callable[[httpx.Request], httpx.Response]:
-    return lambda request: httpx.Response(
-        status, headers={"content-type": "text/event-stream"}, stream=body
-    )
-
-
 def chunk(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
@@ -130,17 +81,6 @@ def chunk(obj: Any) -> bytes:
 def provider_for(client_cls: ClientClass, upstream: Upstream, **kw: Any) -> AnyOpenAI:
     kw.setdefault("api_key", "sk-test")
     return client_cls(base_url=BASE_URL, transport=httpx.MockTransport(upstream), **kw)
-
-
-def ask(text: str = "hi", **kw: Any) -> GenerationRequest:
-    return GenerationRequest(model=None, messages=(Message("user", text),), **kw)
-
-
-async def run(provider: AnyOpenAI, request: GenerationRequest | None = None) -> list[Delta]:
-    try:
-        return [d async for d in provider.stream(request or ask())]
-    finally:
-        await provider.aclose()
 
 
 async def test_recorded_stream_gives_deltas_then_finish_and_usage(client_cls: ClientClass) -> None:
@@ -299,13 +239,6 @@ async def test_http_status_maps_to_upstream_http_error(
     )
     assert "sk-abc" not in str(exc)  # the upstream's message may echo the key
     assert len(upstream.requests) == 1  # the SDK did not retry behind our back
-
-
-def raising(exc: Exception) -> Callable[[httpx.Request], httpx.Response]:
-    def respond(request: httpx.Request) -> httpx.Response:
-        raise exc
-
-    return respond
 
 
 @pytest.mark.parametrize(

@@ -32,17 +32,13 @@ from sseserver.providers.openai import OpenAIProvider
 from sseserver.providers.openai_fast import EventDecoder, FastOpenAIProvider
 from sseserver.providers.synthetic import SyntheticProvider
 from sseserver.web.context import configured_providers
-from tests.unit.test_providers_openai import (
-    BASE_URL,
-    RECORDED,
-    AnyOpenAI,
+from tests.support.mock_transport import (
     Body,
-    ClientClass,
     Upstream,
     ask,
-    chunk,
     no_sockets,  # noqa: F401  (autouse: no test here opens a socket)
 )
+from tests.unit.test_providers_openai import BASE_URL, RECORDED, AnyOpenAI, ClientClass, chunk
 
 # --------------------------------------------------------------------------------------
 # EventDecoder == the SDK's SSEDecoder

@@ -1,6 +1,6 @@
 """sseserver.wire.sse: exact wire bytes (tables, like h11's SIMPLE_CASES), refusals, and
-round-trip properties through an independent WHATWG parser (tests/sse_parser.py), which is
-itself checked here against the standard's own examples."""
+round-trip properties through an independent WHATWG parser (tests/support/sse_parser.py),
+which is itself checked here against the standard's own examples."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from sseserver.wire.sse import ServerSentEvent, encode_comment, encode_event, encode_retry
-from tests.sse_parser import Event, SSEParser, parse
+from tests.support.sse_parser import Event, SSEParser, parse
 
 # --------------------------------------------------------------------------------------
 # Exact bytes
@@ -234,7 +234,7 @@ def test_data_with_surrogates_is_always_refused(prefix: str, surrogate: str, suf
 
 
 # --------------------------------------------------------------------------------------
-# The oracle itself: tests/sse_parser.py against the WHATWG standard's examples and rules
+# The oracle itself: tests/support/sse_parser.py against the WHATWG standard's examples and rules
 # --------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """A small loopback client for protocol tests: raw requests written by hand, every answer
 parsed by h11 as an oracle (so a framing mistake of the server fails the test), SSE
-bodies parsed by the WHATWG parser of ``tests.sse_parser``."""
+bodies parsed by the WHATWG parser of ``tests.support.sse_parser``."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 
 import h11
 
-from tests.protocol.rawhttp import Loopback, Response
-from tests.sse_parser import Event, SSEParser
+from tests.support.rawhttp import Loopback, Response
+from tests.support.sse_parser import Event, SSEParser
 
 
 class Client(Loopback):
@@ -38,10 +38,7 @@ class Client(Loopback):
 
     def send_raw(self, head: bytes, method: str = "GET", target: str = "/") -> None:
         self.writer.write(head)
-        if self.oracle.our_state is h11.DONE and self.oracle.their_state is h11.DONE:
-            self.oracle.start_next_cycle()
-        self.oracle.send(h11.Request(method=method, target=target, headers=[("Host", "x")]))
-        self.oracle.send(h11.EndOfMessage())
+        self.expect(method, target)
 
     def send(
         self,

@@ -1,9 +1,10 @@
-"""Headless Debian Chromium driven by Playwright (async API), and an in-process server
-whose application context the test keeps, for the demo page tests (SPEC §6, §8, §11).
+"""Headless Debian Chromium driven by Playwright (async API), and what the demo page tests
+read of the page and of the in-process server (SPEC §6, §8, §11; the server itself is
+``tests.support.servers.app_server``).
 
 Playwright's bundled browsers are never downloaded: the system ``/usr/bin/chromium`` is
 launched with a fresh profile. A missing browser or Playwright skips outside CI and
-fails under ``CI=true`` (``tests.conftest.require``).
+fails under ``CI=true`` (``tests.support.requirements.require``).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from weakref import WeakKeyDictionary
 from sseserver.http.protocol import HTTPProtocol
 from sseserver.http.server import Server
 from sseserver.web.context import Context
-from tests.conftest import require, require_binary
-from tests.protocol.rawhttp import app_server
+from tests.support.procs import ROOT
+from tests.support.requirements import require, require_binary
 
 try:
     from playwright.async_api import async_playwright
@@ -29,6 +30,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 if TYPE_CHECKING:
     from playwright.async_api import BrowserContext, Page
+
+ARTIFACTS = ROOT / "tests" / "artifacts"  # the demo page's screenshot
 
 CHROMIUM_ARGS = [
     "--headless=new",
@@ -61,10 +64,6 @@ async def chromium(profile_dir: Path) -> AsyncIterator[BrowserContext]:
             yield context
         finally:
             await context.close()
-
-
-# The production composition (``sseserver.cli.compose``) and its application context.
-demo_server = app_server
 
 
 def count_starts(ctx: Context) -> list[str]:

@@ -8,7 +8,7 @@ level gains ``answering`` (how many). A connection that is open but answers noth
 idle keep-alive connection in the client's pool; one that is open and answering is a call
 in flight, and after a failure or a cancel that would be a leak.
 
-Run: ``python -m tests.integration.upstream_procs openai|gemini --port 0`` (prints
+Run: ``python -m tests.support.upstream_procs openai|gemini --port 0`` (prints
 ``LISTENING http://127.0.0.1:PORT``, like the fakes themselves).
 """
 
@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tests.conftest import ROOT, stop_process
+from tests.support.procs import ROOT, stop_process
 from tests.upstreams import FakeUpstream, RequestRecord, Responder, main
 from tests.upstreams.gemini_wire import GeminiWire
 from tests.upstreams.openai_wire import OpenAIWire
@@ -89,11 +89,11 @@ class UpstreamProcess:
 
 
 def start_upstream(api: str) -> UpstreamProcess:
-    """Start ``python -m tests.integration.upstream_procs API --port 0`` and wait (bounded)
+    """Start ``python -m tests.support.upstream_procs API --port 0`` and wait (bounded)
     for its ``LISTENING`` line."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.integration.upstream_procs", api, "--port", "0"],
+        [sys.executable, "-m", "tests.support.upstream_procs", api, "--port", "0"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

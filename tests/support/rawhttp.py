@@ -4,11 +4,10 @@ The client writes request bytes exactly as given (so tests can send malformed, H
 pipelined or slowloris requests) and parses what comes back with
 ``h11.Connection(h11.CLIENT)``: if h11 accepts the server's bytes, a real HTTP client will.
 Every received byte is also kept in ``raw`` so that tests can check the chunk framing
-themselves (h11 hides it).
+themselves (h11 hides it; ``tests.support.chunks`` decodes it).
 
-Also here: an in-process server that exposes its application ``Context`` (generations,
-hub), ``eventually()`` for polling a condition with a deadline, and a strict chunked-body
-splitter.
+Also here: reading an event-stream response (``SSEReader``, ``open_stream``,
+``start_generation``) and a bare read until a marker.
 """
 
 from __future__ import annotations
@@ -22,14 +21,10 @@ from typing import Any, Self
 
 import h11
 
-from tests.sse_parser import Event, SSEParser
-from tests.support.servers import app_server as app_server
+from tests.support.sse_parser import Event, SSEParser
 
 HOST = "127.0.0.1"
 READ_SIZE = 65536
-
-
-# -- servers -----------------------------------------------------------------------------
 
 
 # -- responses ---------------------------------------------------------------------------
@@ -57,35 +52,6 @@ class Response:
 
     def json(self) -> Any:
         return json.loads(self.body)
-
-
-def split_chunks(data: bytes) -> tuple[list[int], bytes, bytes]:
-    """Strictly parse a chunked body (no extensions, no trailers): (chunk sizes, payload,
-    bytes after the terminator). Stops at the first zero-size chunk; raises ValueError on
-    bad framing or a truncated body."""
-    sizes: list[int] = []
-    payload = bytearray()
-    pos = 0
-    while True:
-        eol = data.find(b"\r\n", pos)
-        if eol < 0:
-            raise ValueError(f"truncated chunk size line at {pos}")
-        size_text = data[pos:eol]
-        if not size_text or any(c not in b"0123456789abcdefABCDEF" for c in size_text):
-            raise ValueError(f"bad chunk size line {size_text!r} at {pos}")
-        size = int(size_text, 16)
-        sizes.append(size)
-        pos = eol + 2
-        if size == 0:
-            if data[pos : pos + 2] != b"\r\n":
-                raise ValueError("last chunk not followed by CRLF (or has trailers)")
-            return sizes, bytes(payload), data[pos + 2 :]
-        if len(data) < pos + size + 2:
-            raise ValueError("truncated chunk")
-        payload += data[pos : pos + size]
-        if data[pos + size : pos + size + 2] != b"\r\n":
-            raise ValueError(f"chunk of size {size} not followed by CRLF")
-        pos += size + 2
 
 
 def build_request(
@@ -118,6 +84,15 @@ class Loopback:
         self.reader = reader
         self.writer = writer
         self.oracle = h11.Connection(h11.CLIENT)
+
+    def expect(self, method: str = "GET", target: str = "/") -> None:
+        """Tell the oracle which request the next response answers (it writes nothing:
+        the bytes on the wire are whatever the test wrote)."""
+        oracle = self.oracle
+        if oracle.our_state is h11.DONE and oracle.their_state is h11.DONE:
+            oracle.start_next_cycle()
+        oracle.send(h11.Request(method=method, target=target, headers=[("Host", HOST)]))
+        oracle.send(h11.EndOfMessage())
 
     async def __aenter__(self) -> Self:
         return self
@@ -152,15 +127,6 @@ class RawClient(Loopback):
 
     def write(self, data: bytes) -> None:
         self.writer.write(data)
-
-    def expect(self, method: str = "GET", target: str = "/") -> None:
-        """Tell the oracle which request the next response answers (it writes nothing:
-        the bytes on the wire are whatever the test wrote)."""
-        oracle = self.oracle
-        if oracle.our_state is h11.DONE and oracle.their_state is h11.DONE:
-            oracle.start_next_cycle()
-        oracle.send(h11.Request(method=method, target=target, headers=[("Host", HOST)]))
-        oracle.send(h11.EndOfMessage())
 
     def request(
         self,
@@ -316,6 +282,29 @@ async def open_stream(
     client.request(method, target, headers, body, version)
     resp = await client.head()
     return client, resp, SSEReader(client)
+
+
+async def start_generation(
+    port: int, target: str, headers: Iterable[tuple[str, str]] = ()
+) -> tuple[RawClient, SSEReader, str]:
+    """Open a generation's stream and read its ``start`` event; the generation id."""
+    client, resp, reader = await open_stream(port, target, headers=headers)
+    assert resp.status == 200
+    start = await reader.next()
+    assert start.type == "start"
+    return client, reader, json.loads(start.data)["id"]
+
+
+async def read_until(reader: asyncio.StreamReader, marker: bytes, limit_s: float = 10.0) -> bytes:
+    """Read until ``marker`` has been seen (or EOF); returns all bytes read."""
+    buf = bytearray()
+    async with asyncio.timeout(limit_s):
+        while marker not in buf:
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            buf += chunk
+    return bytes(buf)
 
 
 def text_of(events: Iterable[Event]) -> str:

@@ -21,12 +21,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import ROOT, free_port, require_binary, stop_process, wait_for_port
+from tests.support.procs import ROOT, free_port, stop_process, wait_for_port
+from tests.support.requirements import require_binary
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
@@ -44,10 +45,16 @@ def ping(port: int, timeout: float = 0.5) -> bool:
 
 @dataclass
 class RedisServer:
+    """One redis-server; needs no pytest (the bench runs one too)."""
+
     binary: str
     folder: Path
     port: int
     appendonly: bool = False
+    # argv before the binary, e.g. ["nice", "-n", "0", "taskset", "-c", "1"]: commands that
+    # exec the next, so that the PID is still redis-server's.
+    prefix: list[str] = field(default_factory=list)
+    preexec_fn: Callable[[], object] | None = None  # passed to Popen
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
     _logs: list[Path] = field(default_factory=list)
@@ -71,6 +78,7 @@ class RedisServer:
             else ["--save", "", "--appendonly", "no"]
         )
         return [
+            *self.prefix,
             self.binary,
             "--port",
             str(self.port),
@@ -95,7 +103,11 @@ class RedisServer:
         self._logs.append(log)
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                self.args(), cwd=self.folder, stdout=out, stderr=subprocess.STDOUT
+                self.args(),
+                cwd=self.folder,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=self.preexec_fn,
             )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -148,7 +160,7 @@ def redis_running(
 
 
 # -- sseserver subprocesses with their log in a file ---------------------------------------
-# (conftest's ``server_process`` pipes the output and never reads it: a server that logs
+# (procs' ``server_process`` pipes the output and never reads it: a server that logs
 # a line per request for several seconds would fill the pipe and block.)
 
 

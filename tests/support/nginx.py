@@ -24,14 +24,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import ROOT, free_port, require_binary, wait_for_port
+from tests.support.procfs import alive
+from tests.support.procs import ROOT, free_port, wait_for_port
+from tests.support.requirements import require_binary
 
 DEPLOY_CONF = ROOT / "deploy" / "nginx.conf"
 
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 MAIN_TEMPLATE = """\
-# Written by tests/integration/nginx.py. daemon, pid and error_log come from -g.
+# Written by tests/support/nginx.py. daemon, pid and error_log come from -g.
 worker_processes 1;
 {user}
 events {{
@@ -129,21 +131,13 @@ class Nginx:
         # A worker outlives a SIGKILLed master; make sure none is left behind.
         deadline = time.monotonic() + 2.0
         for pid in workers:
-            while time.monotonic() < deadline and _alive(pid):
+            while time.monotonic() < deadline and alive(pid):
                 time.sleep(0.02)
-            if _alive(pid):
+            if alive(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def write_config(prefix: Path, http: str, *, access_log: str | None = None) -> Path:

@@ -1,5 +1,6 @@
-"""Token pieces for the JWT tests (unit and protocol): public PEMs, base64url. The RSA
-and EC keys themselves are session fixtures in ``tests/conftest.py`` (made once)."""
+"""Token pieces for the JWT tests (unit and protocol): public PEMs, base64url, the bearer
+header. The RSA and EC keys themselves are session fixtures in ``tests/conftest.py``
+(made once)."""
 
 from __future__ import annotations
 
@@ -20,3 +21,8 @@ def public_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         .decode()
     )
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    """The request header that carries ``token``."""
+    return [("Authorization", f"Bearer {token}")]

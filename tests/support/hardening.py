@@ -20,7 +20,7 @@ import h11
 from sseserver.cli import make_server
 from sseserver.config import Config
 from sseserver.http.server import Server
-from tests.conftest import ROOT
+from tests.support.procs import ROOT
 
 T = TypeVar("T")
 HOST = "127.0.0.1"
