@@ -33,7 +33,7 @@ from bench.harness import (
     pinned,
     raise_nofile_in_child,
 )
-from bench.loadgen import sub_target
+from bench.load.addressing import sub_target
 from bench.settings import ALL_SCENARIOS, DEFAULT_SCENARIOS
 from tests.support import redis_server
 
@@ -41,7 +41,7 @@ from tests.support import redis_server
 @dataclasses.dataclass
 class ServerSpec:
     name: str
-    flavor: str  # how the load generator addresses it (see loadgen.FLAVORS)
+    flavor: str  # how the load generator addresses it (see bench.load.addressing.FLAVORS)
     scenarios: tuple[str, ...]
     argv: Callable[[int, Path], list[str]]
     available: Callable[[], str | None] = lambda: None  # None, or why it cannot run

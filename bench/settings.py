@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from bench.loadgen import DELIVERED_SHARE, FIRST_EVENT_BOUND_MS
+from bench.load.tokens import DELIVERED_SHARE, FIRST_EVENT_BOUND_MS
 
 __all__ = ["DELIVERED_SHARE", "FIRST_EVENT_BOUND_MS"]
 
@@ -17,7 +17,7 @@ IDLE_KINDS = {"generations": "idle", "subscriptions": "idle-sub"}
 # The order of the report's rows: scenarios as recorded (idle-sub is part of idle).
 REPORT_SCENARIOS = ("idle", "idle-sub", *ALL_SCENARIOS[1:])
 
-OPENAI_CLIENTS = ("sdk", "fast")  # sseserver --openai-client (SSESERVER_OPENAI_CLIENT)
+OPENAI_CLIENTS = ("sdk", "fast", "lean")  # sseserver --openai-client (SSESERVER_OPENAI_CLIENT)
 
 
 @dataclasses.dataclass

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import RESULTS, ROOT, free_port, http_get
-from bench.loadgen import get_request, proc_cpu_s, proc_rss_kb, stream_target
+from bench.load.addressing import get_request, stream_target
+from bench.load.meters import proc_cpu_s, proc_rss_kb
 from tests.support.procs import raise_nofile
 
 SERVER_CORE = "0"

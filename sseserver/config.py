@@ -18,6 +18,9 @@ MiB = 1024 * KiB
 # What --hub accepts: each names a backend in sseserver.hub.HUBS (a test keeps the two
 # together).
 HUB_SCHEMES = ("memory", "redis", "rediss", "unix")
+# The clients each provider can be reached with (providers.CLIENTS registers them; a
+# unit test keeps the two lists equal). The first is the default.
+UPSTREAM_CLIENTS = {"openai": ("sdk", "lean", "fast"), "gemini": ("sdk", "lean")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +66,11 @@ class Config:
     workers: int = 1
     provider: str = "synthetic"
     openai_base_url: str | None = None
-    # "sdk": the official openai SDK; "fast": the same requests and answers over plain httpx,
-    # for less CPU per chunk (providers/openai_fast.py).
+    # "sdk": the official SDK; "lean": the server's own upstream client (providers/upstream);
+    # "fast" (openai): plain httpx. The same requests, deltas and errors.
     openai_client: str = "sdk"
     gemini_base_url: str | None = None
+    gemini_client: str = "sdk"
     upstream_timeout_s: float = 30 * SECONDS
     # 15 s: under the 30-60 s idle timeouts of common proxies and load balancers.
     heartbeat_s: float = 15 * SECONDS
@@ -138,8 +142,10 @@ class Config:
             raise ValueError("--port must be 0..65535")
         if self.log_format not in ("text", "json"):
             raise ValueError("--log-format must be 'text' or 'json'")
-        if self.openai_client not in ("sdk", "fast"):
-            raise ValueError("--openai-client must be 'sdk' or 'fast'")
+        for provider, clients in UPSTREAM_CLIENTS.items():
+            if getattr(self, f"{provider}_client") not in clients:
+                names = ", ".join(f"'{c}'" for c in clients)
+                raise ValueError(f"--{provider}-client must be one of {names}")
         if self.loop not in ("auto", "asyncio", "uvloop"):
             raise ValueError("--loop must be auto, asyncio or uvloop")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):

@@ -1,5 +1,6 @@
 """Fixtures and hooks only (the helpers are in ``tests/support``): the property-based
-tests' profiles, the session's keys, and the rule that under CI a skipped test fails."""
+tests' profiles, the session's keys and test certificates, and the rule that under CI a
+skipped test fails."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import settings
 
-from tests.support.requirements import IN_CI
+from tests.support.requirements import IN_CI, require
+from tests.support.tls import TLSFiles, trustme_available, write_tls_files
 
 # Property-based tests: `make test` draws the same examples on every run (a fixed seed,
 # no example database), so CI never passes or fails by luck; `make fuzz` selects the
@@ -40,3 +42,11 @@ def rsa_key() -> rsa.RSAPrivateKey:
 def ec_key() -> ec.EllipticCurvePrivateKey:
     """A P-256 key for ES256 tokens."""
     return ec.generate_private_key(ec.SECP256R1())
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    """A test CA and a server certificate for 127.0.0.1 / localhost, as PEM files
+    (``tests.support.tls``); skips (fails under CI) without ``trustme``."""
+    require("trustme", trustme_available(), "pip install -e '.[test]'")
+    return write_tls_files(tmp_path_factory.mktemp("tls"))

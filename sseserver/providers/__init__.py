@@ -18,6 +18,11 @@ CLIENTS: dict[str, dict[str, str]] = {
     "openai": {
         "sdk": PROVIDERS["openai"],
         "fast": "sseserver.providers.openai_fast:FastOpenAIProvider",
+        "lean": "sseserver.providers.openai_lean:LeanOpenAIProvider",
+    },
+    "gemini": {
+        "sdk": PROVIDERS["gemini"],
+        "lean": "sseserver.providers.gemini_lean:LeanGeminiProvider",
     },
 }
 

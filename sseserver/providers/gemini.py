@@ -31,14 +31,12 @@ import contextvars
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
 
 import httpx
 from google import genai
 from google.genai import errors, types
 
 from .base import (
-    BadRequest,
     Delta,
     GenerationRequest,
     ProviderError,
@@ -48,26 +46,15 @@ from .base import (
     Usage,
     status_error,
 )
-from .base import retry_after as header_retry_after
+from .gemini_wire import (
+    FINISH_REASONS,
+    GEMINI_MODELS,
+    PLACEHOLDER_API_KEY,
+    ROLES,
+    retry_after,
+    validate,
+)
 from .pool import upstream_pool
-
-PLACEHOLDER_API_KEY = "no-key-required"
-
-# Advertised to the demo page's model picker.
-GEMINI_MODELS = ("gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-2.5-pro")
-MAX_TEMPERATURE = 2.0  # Gemini's range is [0, 2]
-
-_ROLES = {"user": "user", "assistant": "model", "model": "model"}
-_FINISH_REASONS = {
-    "STOP": "stop",
-    "MAX_TOKENS": "length",
-    "SAFETY": "content_filter",
-    "RECITATION": "content_filter",
-    "BLOCKLIST": "content_filter",
-    "PROHIBITED_CONTENT": "content_filter",
-    "SPII": "content_filter",
-    "IMAGE_SAFETY": "content_filter",
-}
 
 # The responses opened by the generation currently calling into the SDK (see the module
 # docstring). None outside our calls, so other users of the client are left alone.
@@ -141,17 +128,7 @@ class GeminiProvider:
         Raises:
             BadRequest: naming the field.
         """
-        turns = 0
-        for message in request.messages:
-            if message.role != "system" and message.role not in _ROLES:
-                raise BadRequest(f"gemini has no message role {message.role!r}")
-            turns += message.role != "system"
-        if not turns:
-            raise BadRequest("gemini needs a user message")
-        if request.temperature is not None and not 0 <= request.temperature <= MAX_TEMPERATURE:
-            raise BadRequest(f"temperature must be between 0 and {MAX_TEMPERATURE:g}")
-        if request.max_tokens is not None and request.max_tokens < 1:
-            raise BadRequest("max_tokens must be at least 1")
+        validate(request)
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         """Text deltas in order, then one ``Delta`` with ``finish_reason`` and ``usage``.
@@ -216,7 +193,7 @@ class GeminiProvider:
             if message.role == "system":
                 system.append(message.content)
                 continue
-            role = _ROLES[message.role]  # checked by validate()
+            role = ROLES[message.role]  # checked by validate()
             contents.append(types.Content(role=role, parts=[types.Part(text=message.content)]))
         config = types.GenerateContentConfig(
             system_instruction="\n\n".join(system) if system else None,
@@ -247,25 +224,6 @@ class GeminiProvider:
         return ProviderError("upstream call failed")
 
 
-def retry_after(headers: Mapping[str, str], details: Any = None) -> float | None:
-    """Seconds from ``Retry-After``, else from a ``google.rpc.RetryInfo`` error detail
-    (``"retryDelay": "7s"``), which is how the Gemini API says it on 429."""
-    from_headers = header_retry_after(headers)
-    if from_headers is not None:
-        return from_headers
-    error = details.get("error", details) if isinstance(details, dict) else None
-    for item in (error or {}).get("details") or []:
-        if not isinstance(item, dict) or not str(item.get("@type", "")).endswith(".RetryInfo"):
-            continue
-        delay = item.get("retryDelay")
-        if isinstance(delay, str) and delay.endswith("s"):
-            try:
-                return max(0.0, float(delay[:-1]))
-            except ValueError:
-                return None
-    return None
-
-
 def _headers(exc: errors.APIError) -> Mapping[str, str]:
     headers = getattr(exc.response, "headers", None)
     return headers if headers is not None else {}
@@ -283,7 +241,7 @@ def _read_chunk(chunk: types.GenerateContentResponse) -> tuple[str, str | None, 
                 text += part.text
         if candidate.finish_reason is not None:
             name = str(getattr(candidate.finish_reason, "value", candidate.finish_reason))
-            reason = _FINISH_REASONS.get(name, name.lower())
+            reason = FINISH_REASONS.get(name, name.lower())
     elif chunk.prompt_feedback is not None and chunk.prompt_feedback.block_reason is not None:
         reason = "content_filter"  # the prompt itself was blocked: no candidates at all
     return text, reason, _usage(chunk.usage_metadata)

@@ -167,14 +167,14 @@ class FastOpenAIProvider(OpenAIBase):
             except TRANSPORT_ERRORS as exc:
                 raise self._transport_error(exc, started=False) from exc
             if not response.is_success:
-                code, message = _error_detail(response.text)
+                code, message = error_detail(response.text)
                 said = f"Error code: {response.status_code}" + (f" - {message}" if message else "")
                 cause = httpx.HTTPStatusError(said, request=http_request, response=response)
                 raise status_error(
                     response.status_code, retry_after(response.headers), code
                 ) from cause
 
-            reader = ChunkReader(_json_fields)
+            reader = ChunkReader(json_fields)
             decoder = EventDecoder()
             chunks = response.aiter_bytes()
             done = False
@@ -210,11 +210,11 @@ class FastOpenAIProvider(OpenAIBase):
                 await response.aclose()
 
 
-def _json_fields(value: Any) -> Mapping[str, Any] | None:
+def json_fields(value: Any) -> Mapping[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _error_detail(text: str) -> tuple[str | None, str | None]:
+def error_detail(text: str) -> tuple[str | None, str | None]:
     """(``code``, ``message``) of an error answer's ``{"error": {...}}``, read as the SDK
     reads them (``APIError.code``, ``_make_status_error_from_response``)."""
     try:

@@ -95,8 +95,13 @@ class OpenAIBase:
         )
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or PLACEHOLDER_API_KEY
         self.timeout_s = timeout_s
+        self._open_pool(transport)
+
+    def _open_pool(self, transport: httpx.AsyncBaseTransport | None) -> None:
+        """The connection pool of this provider's client (httpx for the SDK and ``fast``;
+        the lean client brings its own)."""
         self._http = upstream_pool(
-            timeout_s, transport, follow_redirects=True, **self._http_options()
+            self.timeout_s, transport, follow_redirects=True, **self._http_options()
         )
 
     def _http_options(self) -> dict[str, Any]:

@@ -57,6 +57,7 @@ def configured_providers(config: Config, environ: dict[str, str]) -> dict[str, P
     ):
         providers["gemini"] = load(
             "gemini",
+            client=config.gemini_client,
             base_url=config.gemini_base_url,
             api_key=environ.get("GEMINI_API_KEY") or environ.get("GOOGLE_API_KEY"),
             timeout_s=timeout,

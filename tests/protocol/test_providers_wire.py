@@ -38,8 +38,10 @@ from sseserver.providers.base import (
     UpstreamTimeout,
 )
 from sseserver.providers.gemini import GeminiProvider
+from sseserver.providers.gemini_lean import LeanGeminiProvider
 from sseserver.providers.openai import OpenAIProvider
 from sseserver.providers.openai_fast import FastOpenAIProvider
+from sseserver.providers.openai_lean import LeanOpenAIProvider
 from tests.support.mock_transport import ask
 from tests.support.procs import ROOT
 from tests.upstreams import ConnectionRecord, FakeUpstream, expected_text
@@ -51,7 +53,9 @@ CANCEL_BUDGET_S = 0.100  # SPEC §7
 
 # The concrete classes, not the Provider protocol: their ``stream`` is an async generator,
 # which ``contextlib.aclosing`` and ``aclose()`` need.
-AnyProvider = OpenAIProvider | FastOpenAIProvider | GeminiProvider
+AnyProvider = (
+    OpenAIProvider | FastOpenAIProvider | LeanOpenAIProvider | GeminiProvider | LeanGeminiProvider
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +74,8 @@ KINDS = [
     Kind("openai", OpenAIWire, OpenAIProvider),
     Kind("gemini", GeminiWire, GeminiProvider),
     Kind("openai-fast", OpenAIWire, FastOpenAIProvider),
+    Kind("openai-lean", OpenAIWire, LeanOpenAIProvider),
+    Kind("gemini-lean", GeminiWire, LeanGeminiProvider),
 ]
 
 
@@ -433,10 +439,17 @@ async def test_cancel_latency_distribution(kind: Kind) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# --openai-client: the SDK and the fast client are exchangeable
+# --openai-client, --gemini-client: the SDK and the other clients are exchangeable
 # --------------------------------------------------------------------------------------
 
-SDK_KIND, FAST_KIND = (next(k for k in KINDS if k.name == n) for n in ("openai", "openai-fast"))
+# Each API's SDK kind (named after the API) against every other client of that API.
+SDK_KINDS = {k.api: k for k in KINDS if k.name == k.api}
+OTHER_KINDS = [k for k in KINDS if k.name != k.api]
+# The request headers that matter upstream, per API.
+SENT_HEADERS = {
+    "openai": ("authorization", "content-type", "accept"),
+    "gemini": ("x-goog-api-key", "content-type"),
+}
 
 EQUIVALENT_REQUESTS = {
     "tokens-system-params": ask(
@@ -482,24 +495,26 @@ async def outcome(kind: Kind, request: GenerationRequest) -> Outcome:
         except ProviderError as exc:
             error = (type(exc), exc.code, exc.message, exc.retryable, exc.status, exc.retry_after_s)
         req = env.up.requests[-1]
-        names = ("authorization", "content-type", "accept")
+        names = SENT_HEADERS[kind.api]
         return Outcome(deltas, error, req.json(), {n: req.headers[n] for n in names})
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("other", OTHER_KINDS, ids=[k.name for k in OTHER_KINDS])
 @pytest.mark.parametrize("name", list(EQUIVALENT_REQUESTS))
-async def test_openai_clients_give_the_same_deltas(name: str) -> None:
+async def test_clients_of_one_api_give_the_same_deltas(name: str, other: Kind) -> None:
     request = EQUIVALENT_REQUESTS[name]
-    sdk, fast = await outcome(SDK_KIND, request), await outcome(FAST_KIND, request)
+    sdk, fast = await outcome(SDK_KINDS[other.api], request), await outcome(other, request)
     assert sdk.error is None and sdk.deltas[-1].finish_reason is not None
     assert fast == sdk
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("other", OTHER_KINDS, ids=[k.name for k in OTHER_KINDS])
 @pytest.mark.parametrize("directive", EQUIVALENT_FAILURES)
-async def test_openai_clients_fail_alike(directive: str) -> None:
+async def test_clients_of_one_api_fail_alike(directive: str, other: Kind) -> None:
     request = ask(f"x [fake tokens=5 {directive}]", max_tokens=20)
-    sdk, fast = await outcome(SDK_KIND, request), await outcome(FAST_KIND, request)
+    sdk, fast = await outcome(SDK_KINDS[other.api], request), await outcome(other, request)
     assert sdk.error is not None
     assert fast == sdk
 

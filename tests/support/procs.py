@@ -1,6 +1,7 @@
-"""Server processes for tests (and the bench): free loopback ports, waiting for a listener,
-stopping a process by its PID, ``python -m sseserver`` in a subprocess, and the open-files
-limit raised for many connections.
+"""Server processes for tests (and the bench): free loopback ports, waiting for a listener
+(or for the ``LISTENING URL`` line of one that picks its own port), stopping a process by
+its PID, ``python -m sseserver`` in a subprocess, and the open-files limit raised for many
+connections.
 
 No pytest here: the bench imports this module outside any test. (What skips or fails
 when a component is missing is in ``tests.support.requirements``.)
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import resource
+import select
 import socket
 import subprocess
 import sys
@@ -44,6 +46,29 @@ def wait_for_port(
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+def wait_listening(proc: subprocess.Popen[bytes], what: str, timeout: float = 10.0) -> str:
+    """The URL of the first line ``LISTENING URL`` that ``proc`` prints on its stdout (a
+    pipe), read byte by byte with a bounded wait so that nothing past it is consumed.
+    A process that exits or stays silent is killed and reported."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    line = b""
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, remaining))
+        if not ready:
+            proc.kill()
+            proc.wait()
+            raise TimeoutError(f"{what} did not start within {timeout}s")
+        byte = os.read(proc.stdout.fileno(), 1)
+        if not byte:
+            proc.wait()
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        line += byte
+    assert line.startswith(b"LISTENING "), line
+    return line.split()[1].decode()
 
 
 def stop_process(proc: subprocess.Popen[bytes], within_s: float = 15.0) -> None:

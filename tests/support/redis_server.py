@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,14 +180,20 @@ class ServerProcess:
 
 @contextmanager
 def sseserver_running(
-    folder: Path, *args: str, port: int | None = None, name: str = "sseserver"
+    folder: Path,
+    *args: str,
+    port: int | None = None,
+    name: str = "sseserver",
+    environ: Mapping[str, str] | None = None,
 ) -> Iterator[ServerProcess]:
     """``python -m sseserver --port PORT *args`` with output to ``folder/name-PORT.log``;
-    stopped by PID (SIGTERM, then SIGKILL after 15 s)."""
+    stopped by PID (SIGTERM, then SIGKILL after 15 s). Its environment is ``environ``
+    (default: this process's), less any ``SSESERVER_`` variable."""
     port = port or free_port()
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / f"{name}-{port}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SSESERVER_")}
+    base = os.environ if environ is None else environ
+    env = {k: v for k, v in base.items() if not k.startswith("SSESERVER_")}
     env["PYTHONUNBUFFERED"] = "1"
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(

@@ -9,20 +9,22 @@ idle keep-alive connection in the client's pool; one that is open and answering 
 in flight, and after a failure or a cancel that would be a leak.
 
 Run: ``python -m tests.support.upstream_procs openai|gemini --port 0`` (prints
-``LISTENING http://127.0.0.1:PORT``, like the fakes themselves).
+``LISTENING http://127.0.0.1:PORT``, like the fakes themselves); ``start_upstream(api,
+tls=files)`` adds ``--tls-cert/--tls-key`` and the fake serves HTTPS
+(``https://127.0.0.1:PORT``) with a certificate of the test CA (``tests.support.tls``).
 """
 
 from __future__ import annotations
 
 import os
-import select
+import ssl
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from tests.support.procs import ROOT, stop_process
+from tests.support.procs import ROOT, stop_process, wait_listening
+from tests.support.tls import TLSFiles
 from tests.upstreams import FakeUpstream, RequestRecord, Responder, main
 from tests.upstreams.gemini_wire import GeminiWire
 from tests.upstreams.openai_wire import OpenAIWire
@@ -73,7 +75,8 @@ class UpstreamProcess:
 
     api: str
     proc: subprocess.Popen[bytes]
-    url: str  # http://127.0.0.1:PORT
+    url: str  # http://127.0.0.1:PORT, or https:// when served with ``tls``
+    tls: TLSFiles | None = None
 
     @property
     def port(self) -> int:
@@ -84,38 +87,29 @@ class UpstreamProcess:
         """What sseserver's --openai-base-url / --gemini-base-url takes."""
         return f"{self.url}/v1" if self.api == "openai" else f"{self.url}/"
 
+    def verify(self) -> ssl.SSLContext | bool:
+        """What an httpx client reading the fake's ``/_fake/`` records passes as ``verify``:
+        the test CA over TLS."""
+        return True if self.tls is None else self.tls.client_context()
+
     def stop(self) -> None:
         stop_process(self.proc, within_s=10)
 
 
-def start_upstream(api: str) -> UpstreamProcess:
-    """Start ``python -m tests.support.upstream_procs API --port 0`` and wait (bounded)
-    for its ``LISTENING`` line."""
+def start_upstream(api: str, tls: TLSFiles | None = None) -> UpstreamProcess:
+    """Start ``python -m tests.support.upstream_procs API --port 0`` (over TLS with
+    ``tls``'s server certificate) and wait (bounded) for its ``LISTENING`` line."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    tls_args = [] if tls is None else ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.upstream_procs", api, "--port", "0"],
+        [sys.executable, "-m", "tests.support.upstream_procs", api, "--port", "0", *tls_args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
     )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + START_TIMEOUT_S
-    line = b""
-    while not line.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, remaining))
-        if not ready:
-            proc.kill()
-            proc.wait()
-            raise TimeoutError(f"fake {api} upstream did not start within {START_TIMEOUT_S}s")
-        byte = os.read(proc.stdout.fileno(), 1)
-        if not byte:
-            proc.wait()
-            raise RuntimeError(f"fake {api} upstream exited with {proc.returncode}")
-        line += byte
-    assert line.startswith(b"LISTENING "), line
-    return UpstreamProcess(api, proc, line.split()[1].decode())
+    url = wait_listening(proc, f"fake {api} upstream", START_TIMEOUT_S)
+    return UpstreamProcess(api, proc, url, tls)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ OPTIONS: dict[str, tuple[str, Any, str, Any]] = {
     "provider": ("openai", "openai", "gemini", "gemini"),
     "openai_base_url": ("http://a:1/v1", "http://a:1/v1", "http://b:2/v1", "http://b:2/v1"),
     "openai_client": ("fast", "fast", "sdk", "sdk"),
+    "gemini_client": ("lean", "lean", "sdk", "sdk"),
     "gemini_base_url": ("http://g:1", "http://g:1", "http://h:2", "http://h:2"),
     "upstream_timeout_s": ("2.5", 2.5, "7", 7.0),
     "heartbeat_s": ("0.5", 0.5, "20", 20.0),
@@ -149,10 +150,13 @@ def test_empty_environment_value_means_default(name: str) -> None:
     assert getattr(load_config([], {_env(name): ""}), name) == getattr(Config(), name)
 
 
-def test_openai_client_defaults_to_the_sdk() -> None:
-    # SPEC §7 names the official SDK; the fast client is chosen, never assumed.
+def test_upstream_clients_default_to_the_sdks_for_now() -> None:
+    # The lean client becomes the default once its retries are settled in every test
+    # (SPEC §10); until then it is chosen, never assumed.
     assert Config().openai_client == "sdk"
-    assert load_config([], {"SSESERVER_OPENAI_CLIENT": "fast"}).openai_client == "fast"
+    assert Config().gemini_client == "sdk"
+    assert load_config([], {"SSESERVER_OPENAI_CLIENT": "lean"}).openai_client == "lean"
+    assert load_config([], {"SSESERVER_GEMINI_CLIENT": "lean"}).gemini_client == "lean"
 
 
 def test_unrelated_environment_is_ignored() -> None:
@@ -373,6 +377,7 @@ def test_validate_port_accepts(port: int) -> None:
         ({"loop": "trio"}, "--loop"),
         ({"openai_client": "turbo"}, "--openai-client"),
         ({"openai_client": "FAST"}, "--openai-client"),
+        ({"gemini_client": "fast"}, "--gemini-client"),
         ({"hub": "postgres://x"}, "--hub"),
         ({"hub": "redis"}, "--hub"),
         # An unknown level would only blow up later, inside logging.setLevel().
@@ -398,3 +403,16 @@ def test_config_is_frozen() -> None:
     config = Config()
     with pytest.raises(AttributeError):
         config.port = 1  # type: ignore[misc]
+
+
+def test_upstream_clients_match_the_provider_registry() -> None:
+    """config.UPSTREAM_CLIENTS (what --openai-client / --gemini-client accept) names
+    exactly the clients providers.CLIENTS can load, the default first."""
+    from sseserver.config import UPSTREAM_CLIENTS
+    from sseserver.providers import CLIENTS
+
+    assert {p: set(c) for p, c in UPSTREAM_CLIENTS.items()} == {
+        p: set(c) for p, c in CLIENTS.items()
+    }
+    assert Config().openai_client == UPSTREAM_CLIENTS["openai"][0]
+    assert Config().gemini_client == UPSTREAM_CLIENTS["gemini"][0]

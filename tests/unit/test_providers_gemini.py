@@ -25,7 +25,8 @@ from sseserver.providers.base import (
     UpstreamTimeout,
     Usage,
 )
-from sseserver.providers.gemini import PLACEHOLDER_API_KEY, GeminiProvider, retry_after
+from sseserver.providers.gemini import GeminiProvider
+from sseserver.providers.gemini_wire import PLACEHOLDER_API_KEY, retry_after
 from tests.support.mock_transport import (
     Body,
     Upstream,

@@ -17,11 +17,14 @@ Usage in-process (shares the test's event loop)::
         rec.closed_at - t_cancel                        # seconds, time.monotonic() clock
 
 As a subprocess: ``python -m tests.upstreams.openai_wire --port 0`` prints one line
-``LISTENING http://127.0.0.1:PORT`` and serves until SIGTERM/SIGINT. Its records are read
-with ``GET /_fake/stats`` (JSON), cleared with ``POST /_fake/reset``, and the default
-behaviour is replaced with ``POST /_fake/default`` (body ``tokens=20 ...``). Timestamps use
-``time.monotonic()``, which is what asyncio's ``loop.time()`` returns and is shared by all
-processes of one machine, so a test process can compare them with its own clock.
+``LISTENING http://127.0.0.1:PORT`` and serves until SIGTERM/SIGINT; with ``--tls-cert
+server.pem --tls-key server.key`` it serves HTTPS instead (and prints ``https://``), as
+``FakeUpstream(tls=context)`` does in-process (certificates: ``tests.support.tls``). Its
+records are read with ``GET /_fake/stats`` (JSON), cleared with ``POST /_fake/reset``, and
+the default behaviour is replaced with ``POST /_fake/default`` (body ``tokens=20 ...``).
+Timestamps use ``time.monotonic()``, which is what asyncio's ``loop.time()`` returns and is
+shared by all processes of one machine, so a test process can compare them with its own
+clock.
 
 Behaviour per request, from ``[fake key=value ...]`` anywhere in the prompt text (the one
 channel a provider passes through untouched) or from an ``X-Fake-Control: key=value ...``
@@ -53,6 +56,7 @@ import itertools
 import json
 import re
 import signal
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -420,8 +424,10 @@ class FakeUpstream:
         port: int = 0,
         default: Behaviour | None = None,
         api_key: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        self.tls = tls  # a server context: HTTPS instead of plain HTTP
         self.port = port
         self.default = default or Behaviour()
         self.api_key = api_key  # when set, requests with another key are refused
@@ -438,7 +444,7 @@ class FakeUpstream:
     async def start(self) -> FakeUpstream:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self), self.host, self.port, reuse_address=True
+            lambda: _Connection(self), self.host, self.port, reuse_address=True, ssl=self.tls
         )
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -467,7 +473,8 @@ class FakeUpstream:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def base_url(self) -> str:
@@ -607,7 +614,15 @@ def main(cls: type[FakeUpstream], argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--api-key", default=None, help="refuse requests with another key")
     parser.add_argument("--default", default="", help='behaviour, e.g. "tokens=20 interval_ms=5"')
+    parser.add_argument("--tls-cert", default=None, help="serve HTTPS with this chain (PEM)")
+    parser.add_argument("--tls-key", default=None, help="the private key of --tls-cert (PEM)")
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    context: ssl.SSLContext | None = None
+    if args.tls_cert is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
 
     async def serve() -> None:
         server = cls(
@@ -615,6 +630,7 @@ def main(cls: type[FakeUpstream], argv: list[str] | None = None) -> int:
             port=args.port,
             default=Behaviour.parse(args.default),
             api_key=args.api_key,
+            tls=context,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -15,7 +15,8 @@ Wire format, as generativelanguage.googleapis.com sends it:
 Behaviour is controlled per request (see ``tests.upstreams``): put ``[fake tokens=3
 fail=drop after=1]`` in the prompt or send ``X-Fake-Control: tokens=3 ...``.
 
-Run alone: ``python -m tests.upstreams.gemini_wire --port 0``; base URL ``http://HOST:PORT/``.
+Run alone: ``python -m tests.upstreams.gemini_wire --port 0``; base URL ``http://HOST:PORT/``
+(``https://`` with ``--tls-cert server.pem --tls-key server.key``).
 """
 
 from __future__ import annotations

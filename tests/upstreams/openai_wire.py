@@ -14,7 +14,8 @@ Behaviour is controlled per request (see ``tests.upstreams``): put ``[fake token
 fail=drop after=1]`` in the prompt or send ``X-Fake-Control: tokens=3 ...``. ``max_tokens``
 / ``max_completion_tokens`` below ``tokens`` cut the answer with ``finish_reason: length``.
 
-Run alone: ``python -m tests.upstreams.openai_wire --port 0``; base URL ``http://HOST:PORT/v1``.
+Run alone: ``python -m tests.upstreams.openai_wire --port 0``; base URL ``http://HOST:PORT/v1``
+(``https://`` with ``--tls-cert server.pem --tls-key server.key``).
 """
 
 from __future__ import annotations

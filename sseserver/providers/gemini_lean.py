@@ -1,0 +1,255 @@
+"""The ``gemini`` provider on the lean upstream client (``--gemini-client lean``, the
+default): the request google-genai sends (``POST {base}/{version}/models/{model}:
+streamGenerateContent?alt=sse``, ``x-goog-api-key``, the same JSON body), read into the
+same deltas and errors as ``gemini.py`` reads the SDK's typed responses — without the SDK's
+pydantic models, its generator chain or httpx between the socket and the delta.
+
+Like the SDK's client it retries nothing after the answer has begun; before the first
+byte ``upstream.UpstreamClient`` retries as the openai SDK does (at most 2 retries).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+from urllib.parse import quote
+
+from .base import (
+    Delta,
+    GenerationRequest,
+    ProviderError,
+    UpstreamConnectionError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    Usage,
+    status_error,
+)
+from .gemini_wire import (
+    FINISH_REASONS,
+    GEMINI_MODELS,
+    PLACEHOLDER_API_KEY,
+    ROLES,
+    retry_after,
+    validate,
+)
+from .openai_fast import EventDecoder
+from .upstream import TRANSPORT_ERRORS, UpstreamClient, UpstreamTimedOut
+
+DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/"  # the SDK's
+DEFAULT_API_VERSION = "v1"  # google-genai's; GOOGLE_GENAI_API_VERSION=beta -> v1beta
+
+
+class LeanGeminiProvider:
+    """Streams ``streamGenerateContent``; one instance (and one pool) per server."""
+
+    name = "gemini"
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+        default_model: str = "gemini-2.5-flash",
+    ) -> None:
+        self.default_model = default_model
+        self.models: tuple[str, ...] = tuple(dict.fromkeys((default_model, *GEMINI_MODELS)))
+        self.timeout_s = timeout_s
+        key = (
+            api_key
+            or os.environ.get("GEMINI_API_KEY")
+            or os.environ.get("GOOGLE_API_KEY")
+            or PLACEHOLDER_API_KEY
+        ).strip()
+        version = os.environ.get("GOOGLE_GENAI_API_VERSION") or DEFAULT_API_VERSION
+        version = "v1beta" if version == "beta" else version
+        self._prefix = (base_url or DEFAULT_BASE_URL).rstrip("/") + f"/{version}/models/"
+        self._headers = {"Content-Type": "application/json", "x-goog-api-key": key}
+        self._client = UpstreamClient(timeout_s=timeout_s)
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Refuse what the API would refuse, before anything is sent.
+
+        Raises:
+            BadRequest: naming the field.
+        """
+        validate(request)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        """Text deltas in order, then one ``Delta`` with ``finish_reason`` and ``usage``.
+
+        Raises:
+            BadRequest: see ``validate``.
+            ProviderError: a subclass telling what failed upstream.
+        """
+        self.validate(request)
+        model = request.model or self.default_model
+        url = self._prefix + quote(model, safe="/") + ":streamGenerateContent?alt=sse"
+        body = json.dumps(_body(request), separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            response = await self._client.request("POST", url, self._headers, body)
+        except TRANSPORT_ERRORS as exc:
+            raise self._transport_error(exc, started=False) from exc
+        except ValueError as exc:
+            raise ProviderError(f"cannot reach the upstream: {exc}") from exc
+        try:
+            if not response.ok:
+                try:
+                    raw = await response.read()
+                except TRANSPORT_ERRORS as exc:
+                    raise self._transport_error(exc, started=True) from exc
+                said = raw[:500].decode("utf-8", "replace")  # for the server log only
+                raise _status_error(response.status, response.headers, raw) from ProviderError(
+                    f"HTTP {response.status}: {said}"
+                )
+            decoder = EventDecoder()
+            started = False  # a chunk has been read (the SDK's "started")
+            finish_reason: str | None = None
+            usage: Usage | None = None
+            try:
+                async for data in response:
+                    for _event, payload in decoder.feed(data):
+                        chunk = json.loads(payload)
+                        if isinstance(chunk, dict) and "error" in chunk:
+                            raise _event_error(chunk, response.headers) from ProviderError(
+                                f"error event: {payload[:500]}"
+                            )
+                        text, reason, chunk_usage = _read_chunk(chunk)
+                        started = True
+                        finish_reason = reason or finish_reason
+                        usage = chunk_usage or usage
+                        if text:
+                            yield Delta(text=text)
+                decoder.close()
+            except TRANSPORT_ERRORS as exc:
+                raise self._transport_error(exc, started=started) from exc
+            except ValueError as exc:  # JSON, UTF-8
+                raise UpstreamProtocolError("upstream sent a malformed chunk") from exc
+            if finish_reason is None:
+                raise UpstreamConnectionError("upstream ended the stream before finishing")
+            yield Delta(finish_reason=finish_reason, usage=usage)
+        finally:
+            response.close()  # closes the connection unless the body was read to its end
+
+    def _transport_error(self, exc: BaseException, *, started: bool) -> ProviderError:
+        if isinstance(exc, UpstreamTimedOut | TimeoutError):
+            return UpstreamTimeout(f"no data from upstream for {self.timeout_s:g} s")
+        what = "dropped mid-stream" if started else "failed"
+        return UpstreamConnectionError(f"upstream connection {what}")
+
+
+def _body(request: GenerationRequest) -> dict[str, Any]:
+    """The JSON google-genai sends for ``generate_content_stream`` with our arguments."""
+    system = [request.system] if request.system else []
+    contents: list[dict[str, Any]] = []
+    for message in request.messages:
+        if message.role == "system":
+            system.append(message.content)
+            continue
+        contents.append({"parts": [{"text": message.content}], "role": ROLES[message.role]})
+    body: dict[str, Any] = {"contents": contents}
+    if system:
+        body["systemInstruction"] = {"parts": [{"text": "\n\n".join(system)}], "role": "user"}
+    config: dict[str, Any] = {}  # sent even when empty, as the SDK sends it
+    if request.temperature is not None:
+        config["temperature"] = request.temperature
+    if request.max_tokens is not None:
+        config["maxOutputTokens"] = request.max_tokens
+    body["generationConfig"] = config
+    return body
+
+
+def _event_error(chunk: dict[str, Any], headers: Mapping[str, str]) -> ProviderError:
+    """An ``{"error": ...}`` event in the stream, read as the SDK reads it (an
+    ``APIError`` of the error's ``code``)."""
+    error = chunk.get("error")
+    code = error.get("code") if isinstance(error, dict) else None
+    if isinstance(code, int) and 400 <= code < 600:
+        name = error.get("status") if isinstance(error, dict) else None
+        detail = name if isinstance(name, str) else None
+        return status_error(code, retry_after(headers, chunk), detail)
+    return ProviderError("upstream reported an error", retryable=True)
+
+
+def _status_error(status: int, headers: Mapping[str, str], raw: bytes) -> ProviderError:
+    """The SDK's ``errors.APIError`` reading: the JSON error's ``status`` names it, its
+    ``RetryInfo`` detail (or ``Retry-After``) tells when to retry."""
+    try:
+        details: Any = json.loads(raw)
+    except ValueError:
+        details = None
+    error = details.get("error") if isinstance(details, dict) else None
+    name = error.get("status") if isinstance(error, dict) else None
+    detail = name if isinstance(name, str) else None
+    return status_error(status, retry_after(headers, details), detail)
+
+
+def _read_chunk(chunk: Any) -> tuple[str, str | None, Usage | None]:
+    """(text, finish_reason, usage) of one ``GenerateContentResponse`` as JSON; thought
+    parts are left out.
+
+    Raises:
+        ValueError: a chunk of the wrong shape (as the SDK's converters refuse it).
+    """
+    if not isinstance(chunk, dict):
+        raise ValueError("chunk is not an object")
+    text = ""
+    reason: str | None = None
+    candidates = chunk.get("candidates")
+    if candidates:
+        candidate = _object(candidates[0] if isinstance(candidates, list) else None)
+        content = _object(candidate.get("content"), optional=True)
+        for raw_part in content.get("parts") or []:
+            part = _object(raw_part)
+            piece = part.get("text")
+            if piece is not None and not isinstance(piece, str):
+                raise ValueError("part text is not a string")
+            if piece and not part.get("thought"):
+                text += piece
+        finish = candidate.get("finishReason")
+        if finish is not None:
+            name = str(finish)
+            reason = FINISH_REASONS.get(name, name.lower())
+    else:
+        feedback = _object(chunk.get("promptFeedback"), optional=True)
+        if feedback.get("blockReason") is not None:
+            reason = "content_filter"  # the prompt itself was blocked: no candidates
+    return text, reason, _usage(chunk.get("usageMetadata"))
+
+
+def _object(value: Any, *, optional: bool = False) -> dict[str, Any]:
+    if value is None and optional:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return value
+
+
+def _usage(raw: Any) -> Usage | None:
+    if raw is None:
+        return None
+    meta = _object(raw)
+    counts = {
+        k: meta.get(k)
+        for k in (
+            "promptTokenCount",
+            "candidatesTokenCount",
+            "thoughtsTokenCount",
+            "totalTokenCount",
+        )
+    }
+    if not all(v is None or isinstance(v, int) for v in counts.values()):
+        raise ValueError("usage counts are not integers")
+    completion = counts["candidatesTokenCount"]
+    if counts["thoughtsTokenCount"]:
+        completion = (completion or 0) + counts["thoughtsTokenCount"]
+    return Usage(
+        prompt_tokens=counts["promptTokenCount"],
+        completion_tokens=completion,
+        total_tokens=counts["totalTokenCount"],
+    )

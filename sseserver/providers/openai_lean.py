@@ -1,0 +1,110 @@
+"""The ``openai`` provider on the lean upstream client (``--openai-client lean``, the
+default): the same request, deltas and errors as the SDK (``openai.py``), without httpx,
+httpcore, anyio or a pydantic model per chunk between the socket and the delta.
+
+What it shares with the other clients is in ``openai_wire`` (request body, chunk reading,
+failures) and ``openai_fast`` (the SDK's SSE decoding, error answers). Like the SDK it
+retries before the first byte (``upstream.UpstreamClient``: connection errors, timeouts,
+408/409/429/5xx, ``Retry-After`` honoured, at most 2 retries); once an answer has begun,
+nothing is retried.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from .base import Delta, GenerationRequest, ProviderError, retry_after, status_error
+from .openai_fast import EventDecoder, UpstreamEventError, error_detail, json_fields
+from .openai_wire import ChunkReader, OpenAIBase, error_event, not_json
+from .upstream import TRANSPORT_ERRORS, UpstreamClient, UpstreamTimedOut
+
+
+class LeanOpenAIProvider(OpenAIBase):
+    """Streams chat completions over ``UpstreamClient``; one instance (and pool) per server."""
+
+    def _open_pool(self, transport: Any) -> None:
+        if transport is not None:
+            raise ValueError("the lean client talks to the network only")
+        self._client = UpstreamClient(timeout_s=self.timeout_s)
+        self._headers = {
+            "Authorization": f"Bearer {self.api_key}",
+            "Accept": "application/json",
+            "Content-Type": "application/json",
+        }
+        for header, env in (
+            ("OpenAI-Organization", "OPENAI_ORG_ID"),
+            ("OpenAI-Project", "OPENAI_PROJECT_ID"),
+        ):
+            if (value := os.environ.get(env)) is not None:
+                self._headers[header] = value
+        self._url = self.base_url.rstrip("/") + "/chat/completions"
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
+        """Text deltas in order, then one ``Delta`` with ``finish_reason`` and ``usage``.
+
+        Raises:
+            BadRequest: see ``validate``.
+            ProviderError: a subclass telling what failed upstream.
+        """
+        self.validate(request)
+        body = json.dumps(self._arguments(request), separators=(",", ":"), ensure_ascii=False)
+        try:
+            response = await self._client.request("POST", self._url, self._headers, body.encode())
+        except TRANSPORT_ERRORS as exc:
+            raise self._lean_error(exc, started=False) from exc
+        except ValueError as exc:  # a base URL or proxy URL the client cannot use
+            raise ProviderError(f"cannot reach the upstream: {exc}") from exc
+        try:
+            if not response.ok:
+                try:
+                    text = (await response.read()).decode("utf-8", "replace")
+                except TRANSPORT_ERRORS as exc:
+                    raise self._lean_error(exc, started=True) from exc
+                code, message = error_detail(text)
+                said = f"Error code: {response.status}" + (f" - {message}" if message else "")
+                raise status_error(
+                    response.status, retry_after(response.headers), code
+                ) from ProviderError(said)
+            reader = ChunkReader(json_fields)
+            decoder = EventDecoder()
+            done = False
+            try:
+                async for data in response:
+                    for event, payload in decoder.feed(data):
+                        if payload.startswith("[DONE]"):
+                            done = True
+                            break
+                        chunk = json.loads(payload)
+                        if event is not None and event.startswith("thread."):
+                            continue  # an Assistants event: no chat chunk in it
+                        if isinstance(chunk, dict) and chunk.get("error"):
+                            raise error_event() from UpstreamEventError(chunk["error"])
+                        text = reader.read(chunk)
+                        if text:
+                            yield Delta(text=text)
+                    if done:
+                        await response.finish()
+                        break
+                else:
+                    decoder.close()
+            except TRANSPORT_ERRORS as exc:
+                raise self._lean_error(exc, started=True) from exc
+            except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
+                raise not_json() from exc
+            yield reader.last()
+        finally:
+            # On cancellation, aclose() and errors too: a body not read to its end (after
+            # [DONE] the chunked terminator usually came in the same read) closes its
+            # connection; a finished one goes back to the pool. Nothing waits for it.
+            response.close()
+
+    def _lean_error(self, exc: BaseException, *, started: bool) -> ProviderError:
+        return self._connection_error(
+            timed_out=isinstance(exc, UpstreamTimedOut | TimeoutError), started=started
+        )
