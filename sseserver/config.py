@@ -20,7 +20,7 @@ MiB = 1024 * KiB
 HUB_SCHEMES = ("memory", "redis", "rediss", "unix")
 # The clients each provider can be reached with (providers.CLIENTS registers them; a
 # unit test keeps the two lists equal). The first is the default.
-UPSTREAM_CLIENTS = {"openai": ("sdk", "lean", "fast"), "gemini": ("sdk", "lean")}
+UPSTREAM_CLIENTS = {"openai": ("lean", "sdk", "fast"), "gemini": ("lean", "sdk")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,11 +66,11 @@ class Config:
     workers: int = 1
     provider: str = "synthetic"
     openai_base_url: str | None = None
-    # "sdk": the official SDK; "lean": the server's own upstream client (providers/upstream);
-    # "fast" (openai): plain httpx. The same requests, deltas and errors.
-    openai_client: str = "sdk"
+    # "lean": the server's own upstream client (providers/upstream); "sdk": the official
+    # SDK; "fast" (openai): plain httpx. The same requests, deltas and errors.
+    openai_client: str = "lean"
     gemini_base_url: str | None = None
-    gemini_client: str = "sdk"
+    gemini_client: str = "lean"
     upstream_timeout_s: float = 30 * SECONDS
     # 15 s: under the 30-60 s idle timeouts of common proxies and load balancers.
     heartbeat_s: float = 15 * SECONDS

@@ -10,7 +10,7 @@ import email.utils
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 # The roles of a chat message every provider accepts (SPEC §6).
 ROLES = ("system", "user", "assistant")
@@ -154,3 +154,32 @@ class Provider(Protocol):
     def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]: ...
 
     async def aclose(self) -> None: ...
+
+
+class RawAnswer(Protocol):
+    """An upstream's answer as it came: status, headers and body bytes (decompressed).
+    Reading it raises ``ProviderError`` subclasses only; ``aclose`` closes its connection
+    unless the body was read to its end."""
+
+    status: int
+    headers: Mapping[str, str]
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def read(self) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Relay(Protocol):
+    """A provider that can pass a request body to its upstream untouched and hand back
+    the answer as it came (SPEC §7: ``/v1/chat/completions`` as a transparent relay)."""
+
+    async def relay(self, body: Mapping[str, Any]) -> RawAnswer:
+        """Send ``body`` as the API's request; the answer once its head has arrived.
+
+        Raises:
+            ProviderError: the upstream could not be reached (after the client's retries).
+        """
+        ...

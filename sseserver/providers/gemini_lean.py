@@ -12,20 +12,24 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
+from ..wire.sse import DONE, encode_event
+from ..wire.sse_decode import EventDecoder
 from .base import (
     Delta,
     GenerationRequest,
     ProviderError,
+    RawAnswer,
     UpstreamConnectionError,
     UpstreamProtocolError,
     UpstreamTimeout,
     Usage,
     status_error,
 )
+from .gemini_compat import ChunkTranslator, to_completion, to_gemini
 from .gemini_wire import (
     FINISH_REASONS,
     GEMINI_MODELS,
@@ -34,9 +38,9 @@ from .gemini_wire import (
     retry_after,
     validate,
 )
-from .openai_fast import EventDecoder
-from .upstream import TRANSPORT_ERRORS, UpstreamClient, UpstreamTimedOut
+from .upstream import TRANSPORT_ERRORS, Response, UpstreamClient, UpstreamTimedOut
 
+DONE_EVENT = encode_event(DONE)
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/"  # the SDK's
 DEFAULT_API_VERSION = "v1"  # google-genai's; GOOGLE_GENAI_API_VERSION=beta -> v1beta
 
@@ -79,6 +83,30 @@ class LeanGeminiProvider:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    async def relay(self, body: Mapping[str, Any]) -> RawAnswer:
+        """An OpenAI chat request, translated (``gemini_compat``), to ``streamGenerateContent``
+        or ``generateContent``; the answer translated back to OpenAI's format as it comes.
+
+        Raises:
+            BadRequest: a field Gemini cannot honour.
+            ProviderError: the upstream could not be reached.
+        """
+        gemini_body = to_gemini(body)
+        model = str(body.get("model") or self.default_model)
+        streaming = bool(body.get("stream"))
+        method = ":streamGenerateContent?alt=sse" if streaming else ":generateContent"
+        url = self._prefix + quote(model, safe="/") + method
+        payload = json.dumps(gemini_body, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            response = await self._client.request("POST", url, self._headers, payload)
+        except TRANSPORT_ERRORS as exc:
+            raise self._transport_error(exc, started=False) from exc
+        except ValueError as exc:
+            raise ProviderError(f"cannot reach the upstream: {exc}") from exc
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        return TranslatedAnswer(response, self, model, streaming, include_usage)
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         """Text deltas in order, then one ``Delta`` with ``finish_reason`` and ``usage``.
@@ -253,3 +281,68 @@ def _usage(raw: Any) -> Usage | None:
         completion_tokens=completion,
         total_tokens=counts["totalTokenCount"],
     )
+
+
+class TranslatedAnswer:
+    """A Gemini answer read as an OpenAI one (``RawAnswer``): a stream's chunks become
+    ``chat.completion.chunk`` events ending in ``[DONE]``, a whole answer a
+    ``chat.completion``. An error answer passes as it came (its JSON names the error)."""
+
+    def __init__(
+        self,
+        response: Response,
+        provider: LeanGeminiProvider,
+        model: str,
+        streaming: bool,
+        include_usage: bool,
+    ) -> None:
+        self._response = response
+        self._provider = provider
+        self._model = model
+        self._streaming = streaming
+        self._include_usage = include_usage
+        self.status = response.status
+        self.headers: Mapping[str, str] = response.headers
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            if not 200 <= self.status < 300:
+                async for piece in self._response:
+                    yield piece
+            elif self._streaming:
+                async for piece in self._events():
+                    yield piece
+            else:
+                raw = b"".join([piece async for piece in self._response])
+                yield _dump(to_completion(json.loads(raw), self._model))
+        except TRANSPORT_ERRORS as exc:
+            raise self._provider._transport_error(exc, started=True) from exc
+        except ValueError as exc:
+            raise UpstreamProtocolError("upstream sent a malformed chunk") from exc
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        translator = ChunkTranslator(self._model, include_usage=self._include_usage)
+        decoder = EventDecoder()
+        async for piece in self._response:
+            out = []
+            for _event, payload in decoder.feed(piece):
+                chunk = json.loads(payload)
+                if not isinstance(chunk, dict):
+                    raise ValueError("chunk is not an object")
+                if "error" in chunk:
+                    raise _event_error(chunk, self.headers)
+                out += [b"data: " + _dump(c) + b"\n\n" for c in translator.feed(chunk)]
+            if out:
+                yield b"".join(out)
+        decoder.close()
+        yield b"".join(b"data: " + _dump(c) + b"\n\n" for c in translator.end()) + DONE_EVENT
+
+    async def read(self) -> bytes:
+        return b"".join([piece async for piece in self])
+
+    async def aclose(self) -> None:
+        self._response.close()
+
+
+def _dump(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

@@ -12,14 +12,21 @@ nothing is retried.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
-from .base import Delta, GenerationRequest, ProviderError, retry_after, status_error
-from .openai_fast import EventDecoder, UpstreamEventError, error_detail, json_fields
+from ..wire.sse_decode import EventDecoder
+from .base import (
+    Delta,
+    GenerationRequest,
+    ProviderError,
+    RawAnswer,
+    retry_after,
+    status_error,
+)
+from .openai_fast import UpstreamEventError, error_detail, json_fields
 from .openai_wire import ChunkReader, OpenAIBase, error_event, not_json
-from .upstream import TRANSPORT_ERRORS, UpstreamClient, UpstreamTimedOut
+from .upstream import TRANSPORT_ERRORS, Response, UpstreamClient, UpstreamTimedOut
 
 
 class LeanOpenAIProvider(OpenAIBase):
@@ -29,18 +36,22 @@ class LeanOpenAIProvider(OpenAIBase):
         if transport is not None:
             raise ValueError("the lean client talks to the network only")
         self._client = UpstreamClient(timeout_s=self.timeout_s)
-        self._headers = {
-            "Authorization": f"Bearer {self.api_key}",
-            "Accept": "application/json",
-            "Content-Type": "application/json",
-        }
-        for header, env in (
-            ("OpenAI-Organization", "OPENAI_ORG_ID"),
-            ("OpenAI-Project", "OPENAI_PROJECT_ID"),
-        ):
-            if (value := os.environ.get(env)) is not None:
-                self._headers[header] = value
-        self._url = self.base_url.rstrip("/") + "/chat/completions"
+        self._headers = self.api_headers()
+
+    async def relay(self, body: Mapping[str, Any]) -> RawAnswer:
+        """``body`` to ``chat/completions`` as it is, over the lean client.
+
+        Raises:
+            ProviderError: the upstream could not be reached.
+        """
+        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            response = await self._client.request("POST", self.chat_url, self._headers, payload)
+        except TRANSPORT_ERRORS as exc:
+            raise self._lean_error(exc, started=False) from exc
+        except ValueError as exc:
+            raise ProviderError(f"cannot reach the upstream: {exc}") from exc
+        return LeanAnswer(response, self)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -55,7 +66,9 @@ class LeanOpenAIProvider(OpenAIBase):
         self.validate(request)
         body = json.dumps(self._arguments(request), separators=(",", ":"), ensure_ascii=False)
         try:
-            response = await self._client.request("POST", self._url, self._headers, body.encode())
+            response = await self._client.request(
+                "POST", self.chat_url, self._headers, body.encode()
+            )
         except TRANSPORT_ERRORS as exc:
             raise self._lean_error(exc, started=False) from exc
         except ValueError as exc:  # a base URL or proxy URL the client cannot use
@@ -108,3 +121,26 @@ class LeanOpenAIProvider(OpenAIBase):
         return self._connection_error(
             timed_out=isinstance(exc, UpstreamTimedOut | TimeoutError), started=started
         )
+
+
+class LeanAnswer:
+    """The lean client's ``Response`` as a ``RawAnswer``."""
+
+    def __init__(self, response: Response, provider: LeanOpenAIProvider) -> None:
+        self._response = response
+        self._provider = provider
+        self.status = response.status
+        self.headers = response.headers
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for piece in self._response:
+                yield piece
+        except TRANSPORT_ERRORS as exc:
+            raise self._provider._lean_error(exc, started=True) from exc
+
+    async def read(self) -> bytes:
+        return b"".join([piece async for piece in self])
+
+    async def aclose(self) -> None:
+        self._response.close()

@@ -22,9 +22,10 @@ Deliberate choices (both clients):
 
 from __future__ import annotations
 
+import json
 import os
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -36,6 +37,7 @@ from .base import (
     Delta,
     GenerationRequest,
     ProviderError,
+    RawAnswer,
     UpstreamConnectionError,
     UpstreamProtocolError,
     UpstreamTimeout,
@@ -96,6 +98,42 @@ class OpenAIBase:
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY") or PLACEHOLDER_API_KEY
         self.timeout_s = timeout_s
         self._open_pool(transport)
+
+    def api_headers(self) -> dict[str, str]:
+        """The headers every request to the API carries: the key, JSON both ways, and
+        ``OpenAI-Organization``/``OpenAI-Project`` from ``OPENAI_ORG_ID``/``OPENAI_PROJECT_ID``."""
+        headers = {
+            "Authorization": f"Bearer {self.api_key}",
+            "Accept": "application/json",
+            "Content-Type": "application/json",
+        }
+        for header, env in (
+            ("OpenAI-Organization", "OPENAI_ORG_ID"),
+            ("OpenAI-Project", "OPENAI_PROJECT_ID"),
+        ):
+            if (value := os.environ.get(env)) is not None:
+                headers[header] = value
+        return headers
+
+    @property
+    def chat_url(self) -> str:
+        return self.base_url.rstrip("/") + "/chat/completions"
+
+    async def relay(self, body: Mapping[str, Any]) -> RawAnswer:
+        """``body`` to ``chat/completions`` as it is, over this provider's httpx pool.
+
+        Raises:
+            ProviderError: the upstream could not be reached.
+        """
+        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        request = self._http.build_request(
+            "POST", self.chat_url, content=payload, headers=self.api_headers()
+        )
+        try:
+            response = await self._http.send(request, stream=True)
+        except TRANSPORT_ERRORS as exc:
+            raise self._transport_error(exc, started=False) from exc
+        return HttpxAnswer(response, self)
 
     def _open_pool(self, transport: httpx.AsyncBaseTransport | None) -> None:
         """The connection pool of this provider's client (httpx for the SDK and ``fast``;
@@ -228,3 +266,29 @@ class ChunkReader:
         never send a finish reason, and their answer is complete all the same. A body cut
         short fails in the HTTP client instead."""
         return Delta(finish_reason=self.finish_reason or "stop", usage=self.usage)
+
+
+class HttpxAnswer:
+    """An httpx streaming response as a ``RawAnswer``: transport failures while reading
+    become the provider's errors."""
+
+    def __init__(self, response: httpx.Response, provider: OpenAIBase) -> None:
+        self._response = response
+        self._provider = provider
+        self.status = response.status_code
+        self.headers: Mapping[str, str] = response.headers
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for piece in self._response.aiter_bytes():
+                yield piece
+        except TRANSPORT_ERRORS as exc:
+            raise self._provider._transport_error(exc, started=True) from exc
+        except httpx.DecodingError as exc:
+            raise UpstreamProtocolError("upstream answer could not be decoded") from exc
+
+    async def read(self) -> bytes:
+        return b"".join([piece async for piece in self])
+
+    async def aclose(self) -> None:
+        await self._response.aclose()

@@ -18,12 +18,23 @@ from typing import Any
 from ..http.request import Request
 from ..http.stream import EventStream
 from ..metrics import Metrics
-from ..providers.base import Delta, Message, Provider, ProviderError, Usage
+from ..providers.base import (
+    Delta,
+    Message,
+    Provider,
+    ProviderError,
+    RawAnswer,
+    Relay,
+    Usage,
+    retry_after,
+    status_error,
+)
 from ..web.app import Application
 from ..web.context import Context
 from ..wire import ids
 from ..wire.errors import HTTPError, error_body
 from ..wire.sse import DONE, encode_event
+from ..wire.sse_decode import EventDecoder
 from .streams import build_request, json_body, parse_messages
 
 DONE_EVENT = encode_event(DONE)
@@ -119,6 +130,10 @@ def register(app: Application, ctx: Context) -> None:
     async def chat_completions(request: Request, stream: EventStream) -> None:
         body = json_body(request)
         provider_name, model = _pick_provider(ctx, body)
+        chosen = ctx.provider(provider_name) if isinstance(provider_name, str | None) else None
+        if chosen is not None and isinstance(chosen, Relay) and "sseserver" not in body:
+            await _relay(ctx, stream, chosen, body, model)
+            return
         params = {k: body[k] for k in ("temperature", "max_tokens") if body.get(k) is not None}
         if body.get("max_completion_tokens") is not None and "max_tokens" not in params:
             params["max_tokens"] = body["max_completion_tokens"]
@@ -314,3 +329,132 @@ async def _ui_stream(stream: EventStream, source: AsyncIterator[Delta]) -> None:
         stream.write(_data({"type": "finish-step"}))
         stream.write(_data({"type": "finish", "finishReason": finish}))
         stream.write(DONE_EVENT)
+
+
+# -- the transparent relay (SPEC §7) ----------------------------------------------------
+
+# Fields of ours, never sent upstream.
+OWN_FIELDS = ("provider", "sseserver")
+# Upstream answer headers worth passing on with an error or a whole answer.
+PASSED_HEADERS = ("retry-after", "retry-after-ms", "x-request-id")
+
+
+async def _relay(
+    ctx: Context, stream: EventStream, provider: Provider, body: dict[str, Any], model: Any
+) -> None:
+    """The request to an OpenAI-compatible upstream with every field the client sent (only
+    ours taken out, and a ``provider/`` prefix of the model), the answer back as it came:
+    a stream's events byte for byte inside their SSE framing, a whole answer whole, the
+    upstream's own 4xx refusals with their status and body. The server reads only what its
+    duties need: first token, token count, the end, errors."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise HTTPError(400, "bad_request", "messages must be a non-empty list")
+    if model is not None and not isinstance(model, str):
+        raise HTTPError(400, "bad_request", "model must be a string")
+    assert isinstance(provider, Relay)
+    forward = {k: v for k, v in body.items() if k not in OWN_FIELDS}
+    forward["model"] = model or provider.default_model
+    tally = _Tally(ctx.metrics, provider, stream)
+    try:
+        answer = await provider.relay(forward)
+    except ProviderError as exc:
+        tally.end(exc.code)
+        raise _raise_for(exc) from None
+    error: str | None = "abandoned"  # until the answer has been passed on
+    try:
+        if not 200 <= answer.status < 300:
+            error = f"upstream_{answer.status}"
+            await _relay_refusal(stream, answer)
+        elif forward.get("stream"):
+            error = await _relay_stream(stream, answer, tally)
+        else:
+            raw = await answer.read()
+            _count_whole(tally, raw)
+            stream.respond(200, raw, _passed(answer), _content_type(answer))
+            error = None
+    except ProviderError as exc:
+        error = exc.code
+        raise _raise_for(exc) from None
+    finally:
+        await answer.aclose()
+        tally.end(error)
+
+
+async def _relay_refusal(stream: EventStream, answer: RawAnswer) -> None:
+    """The upstream said no. Its 4xx (the request's fault: a bad tool schema, a model it
+    does not have) goes back as it came; our key refused (401, 403) or the upstream
+    failing (5xx) is our error, told as such."""
+    raw = await answer.read()
+    status = answer.status
+    if 400 <= status < 500 and status not in (401, 403):
+        stream.close_reason = f"upstream_{status}"
+        stream.respond(status, raw, _passed(answer), _content_type(answer))
+        return
+    raise _raise_for(status_error(status, retry_after(answer.headers)))
+
+
+async def _relay_stream(stream: EventStream, answer: RawAnswer, tally: _Tally) -> str | None:
+    """Pass the upstream's events on as they come; returns the error code it ended with."""
+    if not stream.start():
+        return "abandoned"
+    decoder = EventDecoder()
+    done = False
+    try:
+        async for piece in answer:
+            stream.write(piece)  # the upstream's bytes, inside our chunk framing
+            try:
+                for _event, data in decoder.feed(piece):
+                    if data.startswith("[DONE]"):
+                        done = True
+                    elif _has_output(data):
+                        tally.delta(Delta(text="\u2026"))  # counted, never re-encoded
+            except UnicodeDecodeError:
+                pass  # not ours to judge: the client reads what the upstream sent
+            await stream.drain()
+    except ProviderError as exc:
+        stream.write(_data(json.loads(error_body(exc.code, exc.message))))
+        stream.write(DONE_EVENT)
+        return exc.code
+    if not done:  # the upstream ended without [DONE]: the client still gets an end
+        stream.write(DONE_EVENT)
+    return None
+
+
+def _has_output(data: str) -> bool:
+    """Whether an upstream chunk carries output (text, a tool call, a refusal): one
+    token for the count. Cheap checks first; JSON only when they pass."""
+    if '"content"' not in data and '"tool_calls"' not in data and '"refusal"' not in data:
+        return False
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return False
+    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+    for choice in choices if isinstance(choices, list) else ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and (
+            delta.get("content") or delta.get("tool_calls") or delta.get("refusal")
+        ):
+            return True
+    return False
+
+
+def _count_whole(tally: _Tally, raw: bytes) -> None:
+    """A whole answer's completion tokens, from its usage when it tells them."""
+    try:
+        usage = json.loads(raw).get("usage") or {}
+        tokens = int(usage.get("completion_tokens") or 0)
+    except (ValueError, AttributeError, TypeError):
+        tokens = 0
+    if tokens:
+        tally.delta(Delta(text="\u2026"))  # the first token's time: the answer's
+        tally.tokens = tokens
+
+
+def _passed(answer: RawAnswer) -> list[tuple[str, str]]:
+    return [(name, answer.headers[name]) for name in PASSED_HEADERS if name in answer.headers]
+
+
+def _content_type(answer: RawAnswer) -> str:
+    return answer.headers.get("content-type") or "application/json"

@@ -32,6 +32,7 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
+from sseserver.config import UPSTREAM_CLIENTS, Config
 from tests.support.chunks import split_chunks
 from tests.support.nginx import Nginx, deploy_config, nginx_running
 from tests.support.rawhttp import RawClient, SSEReader, open_stream, seq_of, text_of
@@ -44,7 +45,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 PROVIDERS = ("openai", "gemini")
 # --openai-client: every server test runs once per client of the openai provider.
-OPENAI_CLIENTS = ("sdk", "fast")
+OPENAI_CLIENTS = UPSTREAM_CLIENTS["openai"]
+GEMINI_CLIENT = Config().gemini_client  # the server's default: gemini runs on it
+# The lean client retries before the first byte (SPEC §7: at most 2 retries, for the
+# statuses the SDKs retry); the SDK paths here are configured without retries.
+LEAN_RETRIES = 2
 UPSTREAM_TIMEOUT_S = 2.0
 CANCEL_BUDGET_S = 0.100  # SPEC §7: upstream connection closed within 100 ms
 LONG = "[fake tokens=100000 interval_ms=10]"  # ~17 minutes: only a cancel ends it
@@ -158,11 +163,21 @@ async def poll_stats(
             await asyncio.sleep(0.005)
 
 
-def request_of(stats: Any, nonce: str) -> dict[str, Any] | None:
-    """The upstream request whose body carries ``nonce``."""
+def requests_of(stats: Any, nonce: str) -> list[dict[str, Any]]:
+    """The upstream requests whose body carries ``nonce`` (a retried call has several)."""
     found = [r for r in stats["requests"] if nonce in r["body"]]
-    assert len(found) <= 1, found
-    return found[0] if found else None
+    assert len(found) <= 1 + LEAN_RETRIES, found
+    return found
+
+
+def request_of(stats: Any, nonce: str) -> dict[str, Any] | None:
+    """The last upstream request whose body carries ``nonce``."""
+    found = requests_of(stats, nonce)
+    return found[-1] if found else None
+
+
+def client_of(provider: str, openai_client: str) -> str:
+    return openai_client if provider == "openai" else GEMINI_CLIENT
 
 
 def connection_of(stats: Any, request: dict[str, Any]) -> dict[str, Any]:
@@ -307,6 +322,8 @@ class Failure:
     # The upstream connection must end up closed: an answer abandoned before its end
     # cannot carry another request, so it must not go back to the pool either.
     closes: bool = False
+    # A status the SDKs retry (408, 409, 429, 5xx): the lean client asks again, twice.
+    retried: bool = False
 
     def code_for(self, provider: str) -> str:
         return self.code if isinstance(self.code, str) else self.code[provider]
@@ -316,10 +333,10 @@ FAILURES = [
     Failure("401", "fail=401", "upstream_401", retryable=False),
     # OpenAI says the wait in Retry-After (the fake sends 1 by default), Gemini in a
     # google.rpc.RetryInfo detail ("1s"); both surface as retry_after_s.
-    Failure("429", "fail=429", "rate_limited", retryable=True, retry_after_s=1.0),
-    Failure("429-retry-after", "fail=429 retry_after=7", "rate_limited", True, 7.0),
-    Failure("500", "fail=500", "upstream_500", retryable=True),
-    Failure("503", "fail=503", "upstream_503", retryable=True),
+    Failure("429", "fail=429", "rate_limited", retryable=True, retry_after_s=1.0, retried=True),
+    Failure("429-retry-after", "fail=429 retry_after=7", "rate_limited", True, 7.0, retried=True),
+    Failure("500", "fail=500", "upstream_500", retryable=True, retried=True),
+    Failure("503", "fail=503", "upstream_503", retryable=True, retried=True),
     Failure("hang", "fail=hang", "upstream_timeout", retryable=True, closes=True),
     Failure("stall", "fail=stall after=2", "upstream_timeout", True, before=2, closes=True),
     Failure("drop", "fail=drop after=2", "upstream_connection_error", True, before=2, closes=True),
@@ -373,15 +390,26 @@ async def test_upstream_failure_is_one_error_event_and_a_clean_end(
     failure: Failure,
     server: ServerProcess,
     upstreams: dict[str, UpstreamProcess],
+    openai_client: str,
 ) -> None:
     up = upstreams[provider]
     nonce = new_nonce()
+    retries = (
+        LEAN_RETRIES if failure.retried and client_of(provider, openai_client) == "lean" else 0
+    )
+    # What the retries wait: the Retry-After header when the upstream sends one (the
+    # OpenAI fake always does on 429; the Gemini fake only when told a delay, else it
+    # says it in the error body, which the client does not read), else the backoff
+    # (0.5 s, then 1 s, less jitter).
+    told = provider == "openai" or "retry_after=" in failure.directive
+    header_wait = failure.retry_after_s if told else None
+    waits = retries * (header_wait or 0) or (1.5 if retries else 0.0)
     t0 = time.monotonic()
     client, reader = await post_stream(
         server.port, stream_body(provider, f"{nonce} [fake tokens=5 {failure.directive}]")
     )
     async with client:
-        events = await reader.rest(within=UPSTREAM_TIMEOUT_S + 5)
+        events = await reader.rest(within=UPSTREAM_TIMEOUT_S + 5 + waits)
     took = time.monotonic() - t0
     assert_clean_end(client, reader)
     assert_one_error_then_end(
@@ -395,7 +423,9 @@ async def test_upstream_failure_is_one_error_event_and_a_clean_end(
         # The upstream timeout bounds each wait for bytes, and nothing more.
         assert UPSTREAM_TIMEOUT_S * 0.9 < took < UPSTREAM_TIMEOUT_S + 2, took
     else:
-        assert took < UPSTREAM_TIMEOUT_S, took
+        assert took < UPSTREAM_TIMEOUT_S + waits, took
+    if retries and header_wait:
+        assert took >= waits * 0.9, took  # Retry-After was honoured
     assert await healthz(server.port) == 200
 
     # Nothing hangs upstream: the fake is no longer answering this request, and the
@@ -409,6 +439,7 @@ async def test_upstream_failure_is_one_error_event_and_a_clean_end(
     stats = await poll_stats(up, settled, 2.0, f"request {nonce} settled")
     req = request_of(stats, nonce)
     assert req is not None
+    assert len(requests_of(stats, nonce)) == 1 + retries
     conn = connection_of(stats, req)
     if failure.name in ("hang", "stall"):
         assert conn["closed_by"] == "peer", conn  # sseserver gave up and closed it

@@ -68,7 +68,7 @@ OPTIONS: dict[str, tuple[str, Any, str, Any]] = {
     "provider": ("openai", "openai", "gemini", "gemini"),
     "openai_base_url": ("http://a:1/v1", "http://a:1/v1", "http://b:2/v1", "http://b:2/v1"),
     "openai_client": ("fast", "fast", "sdk", "sdk"),
-    "gemini_client": ("lean", "lean", "sdk", "sdk"),
+    "gemini_client": ("sdk", "sdk", "lean", "lean"),
     "gemini_base_url": ("http://g:1", "http://g:1", "http://h:2", "http://h:2"),
     "upstream_timeout_s": ("2.5", 2.5, "7", 7.0),
     "heartbeat_s": ("0.5", 0.5, "20", 20.0),
@@ -150,13 +150,12 @@ def test_empty_environment_value_means_default(name: str) -> None:
     assert getattr(load_config([], {_env(name): ""}), name) == getattr(Config(), name)
 
 
-def test_upstream_clients_default_to_the_sdks_for_now() -> None:
-    # The lean client becomes the default once its retries are settled in every test
-    # (SPEC §10); until then it is chosen, never assumed.
-    assert Config().openai_client == "sdk"
-    assert Config().gemini_client == "sdk"
-    assert load_config([], {"SSESERVER_OPENAI_CLIENT": "lean"}).openai_client == "lean"
-    assert load_config([], {"SSESERVER_GEMINI_CLIENT": "lean"}).gemini_client == "lean"
+def test_upstream_clients_default_to_the_lean_client() -> None:
+    # SPEC §10: the lean client unless ``sdk`` (or ``fast``) is chosen.
+    assert Config().openai_client == "lean"
+    assert Config().gemini_client == "lean"
+    assert load_config([], {"SSESERVER_OPENAI_CLIENT": "sdk"}).openai_client == "sdk"
+    assert load_config([], {"SSESERVER_GEMINI_CLIENT": "sdk"}).gemini_client == "sdk"
 
 
 def test_unrelated_environment_is_ignored() -> None:

@@ -29,9 +29,10 @@ from openai._streaming import SSEDecoder
 from sseserver.config import Config
 from sseserver.providers.base import Delta, ProviderError
 from sseserver.providers.openai import OpenAIProvider
-from sseserver.providers.openai_fast import EventDecoder, FastOpenAIProvider
+from sseserver.providers.openai_fast import FastOpenAIProvider
 from sseserver.providers.synthetic import SyntheticProvider
 from sseserver.web.context import configured_providers
+from sseserver.wire.sse_decode import EventDecoder
 from tests.support.mock_transport import (
     Body,
     Upstream,
