@@ -30,27 +30,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import httpx
 
-from ..wire.sse_decode import EventDecoder
 from .base import Delta, GenerationRequest, retry_after, status_error
 from .openai_wire import (
     TRANSPORT_ERRORS,
-    ChunkReader,
+    ChatEvents,
     OpenAIBase,
-    error_event,
+    error_detail,
     not_json,
 )
 
 # The SDK's bound on reading what follows [DONE] before it closes the connection instead.
 DRAIN_TIMEOUT_S = 0.100
-
-
-class UpstreamEventError(Exception):
-    """An ``{"error": ...}`` event: its error object, the ``__cause__`` for the server log."""
 
 
 class FastOpenAIProvider(OpenAIBase):
@@ -85,61 +80,28 @@ class FastOpenAIProvider(OpenAIBase):
                     response.status_code, retry_after(response.headers), code
                 ) from cause
 
-            reader = ChunkReader(json_fields)
-            decoder = EventDecoder()
+            events = ChatEvents()
             chunks = response.aiter_bytes()
-            done = False
             try:
                 async for data in chunks:
-                    for event, payload in decoder.feed(data):
-                        if payload.startswith("[DONE]"):
-                            done = True
-                            break
-                        chunk = json.loads(payload)
-                        if event is not None and event.startswith("thread."):
-                            continue  # an Assistants event: no chat chunk in it
-                        if isinstance(chunk, dict) and chunk.get("error"):
-                            raise error_event() from UpstreamEventError(chunk["error"])
-                        text = reader.read(chunk)
-                        if text:
-                            yield Delta(text=text)
-                    if done:
+                    for text in events.feed(data):
+                        yield Delta(text=text)
+                    if events.done:
                         if response.http_version == "HTTP/1.1":
                             await _drain(chunks)
                         break
                 else:
-                    decoder.close()
+                    events.close()
             except TRANSPORT_ERRORS as exc:
                 raise self._transport_error(exc, started=True) from exc
             except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
                 raise not_json() from exc
-            yield reader.last()
+            yield events.last()
         finally:
             # Runs on cancellation and aclose() too: closes the response, and with it the
             # connection, unless the body was read to its end.
             if response is not None:
                 await response.aclose()
-
-
-def json_fields(value: Any) -> Mapping[str, Any] | None:
-    return value if isinstance(value, dict) else None
-
-
-def error_detail(text: str) -> tuple[str | None, str | None]:
-    """(``code``, ``message``) of an error answer's ``{"error": {...}}``, read as the SDK
-    reads them (``APIError.code``, ``_make_status_error_from_response``)."""
-    try:
-        body = json.loads(text.strip())
-    except (ValueError, RecursionError):
-        return None, None
-    error = body.get("error", body) if isinstance(body, dict) else None
-    if not isinstance(error, dict):
-        return None, None
-    code, message = error.get("code"), error.get("message")
-    return (
-        None if code is None else str(code),
-        message if isinstance(message, str) and message else None,
-    )
 
 
 async def _drain(chunks: AsyncIterator[bytes]) -> None:

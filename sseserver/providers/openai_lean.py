@@ -2,11 +2,10 @@
 default): the same request, deltas and errors as the SDK (``openai.py``), without httpx,
 httpcore, anyio or a pydantic model per chunk between the socket and the delta.
 
-What it shares with the other clients is in ``openai_wire`` (request body, chunk reading,
-failures) and ``openai_fast`` (the SDK's SSE decoding, error answers). Like the SDK it
-retries before the first byte (``upstream.UpstreamClient``: connection errors, timeouts,
-408/409/429/5xx, ``Retry-After`` honoured, at most 2 retries); once an answer has begun,
-nothing is retried.
+What it shares with the other clients is in ``openai_wire`` (request body, the events of a
+streamed answer, error answers, failures). It retries before the first byte as the SDKs
+can (``upstream.UpstreamClient``: connection errors, 408/409/429/5xx, ``Retry-After``
+honoured, at most 2 retries); once an answer has begun, nothing is retried.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
-from ..wire.sse_decode import EventDecoder
 from .base import (
     Delta,
     GenerationRequest,
@@ -24,8 +22,7 @@ from .base import (
     retry_after,
     status_error,
 )
-from .openai_fast import UpstreamEventError, error_detail, json_fields
-from .openai_wire import ChunkReader, OpenAIBase, error_event, not_json
+from .openai_wire import ChatEvents, OpenAIBase, error_detail, not_json
 from .upstream import TRANSPORT_ERRORS, Response, UpstreamClient, UpstreamTimedOut
 
 
@@ -84,33 +81,21 @@ class LeanOpenAIProvider(OpenAIBase):
                 raise status_error(
                     response.status, retry_after(response.headers), code
                 ) from ProviderError(said)
-            reader = ChunkReader(json_fields)
-            decoder = EventDecoder()
-            done = False
+            events = ChatEvents()
             try:
                 async for data in response:
-                    for event, payload in decoder.feed(data):
-                        if payload.startswith("[DONE]"):
-                            done = True
-                            break
-                        chunk = json.loads(payload)
-                        if event is not None and event.startswith("thread."):
-                            continue  # an Assistants event: no chat chunk in it
-                        if isinstance(chunk, dict) and chunk.get("error"):
-                            raise error_event() from UpstreamEventError(chunk["error"])
-                        text = reader.read(chunk)
-                        if text:
-                            yield Delta(text=text)
-                    if done:
+                    for text in events.feed(data):
+                        yield Delta(text=text)
+                    if events.done:
                         await response.finish()
                         break
                 else:
-                    decoder.close()
+                    events.close()
             except TRANSPORT_ERRORS as exc:
                 raise self._lean_error(exc, started=True) from exc
             except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
                 raise not_json() from exc
-            yield reader.last()
+            yield events.last()
         finally:
             # On cancellation, aclose() and errors too: a body not read to its end (after
             # [DONE] the chunked terminator usually came in the same read) closes its

@@ -25,12 +25,13 @@ from __future__ import annotations
 import json
 import os
 import ssl
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import anyio
 import httpx
 
+from ..wire.sse_decode import EventDecoder
 from .base import (
     ROLES,
     BadRequest,
@@ -292,3 +293,69 @@ class HttpxAnswer:
 
     async def aclose(self) -> None:
         await self._response.aclose()
+
+
+class UpstreamEventError(Exception):
+    """An ``{"error": ...}`` event: its error object, the ``__cause__`` for the server log."""
+
+
+def json_fields(value: Any) -> Mapping[str, Any] | None:
+    return value if isinstance(value, dict) else None
+
+
+def error_detail(text: str) -> tuple[str | None, str | None]:
+    """(``code``, ``message``) of an error answer's ``{"error": {...}}``, read as the SDK
+    reads them (``APIError.code``, ``_make_status_error_from_response``)."""
+    try:
+        body = json.loads(text.strip())
+    except (ValueError, RecursionError):
+        return None, None
+    error = body.get("error", body) if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return None, None
+    code, message = error.get("code"), error.get("message")
+    return (
+        None if code is None else str(code),
+        message if isinstance(message, str) and message else None,
+    )
+
+
+class ChatEvents:
+    """The events of one streamed answer, as both SDK-less clients read them: the text of
+    each ``chat.completion.chunk``, ``[DONE]`` (``done``; what follows is never read, as
+    in the SDK), ``event: thread.*`` skipped, an ``{"error": ...}`` event raised. Lazy, so
+    the text before a bad event is handed on before the bad event fails."""
+
+    __slots__ = ("_decoder", "_reader", "done")
+
+    def __init__(self) -> None:
+        self._decoder = EventDecoder()
+        self._reader = ChunkReader(json_fields)
+        self.done = False
+
+    def feed(self, data: bytes) -> Iterator[str]:
+        """The texts ``data`` completes.
+
+        Raises:
+            ProviderError: an error event; UpstreamProtocolError: a malformed chunk;
+            ValueError: JSON or UTF-8 that does not decode.
+        """
+        for event, payload in self._decoder.feed(data):
+            if payload.startswith("[DONE]"):
+                self.done = True
+                return
+            chunk = json.loads(payload)
+            if event is not None and event.startswith("thread."):
+                continue  # an Assistants event: no chat chunk in it
+            if isinstance(chunk, dict) and chunk.get("error"):
+                raise error_event() from UpstreamEventError(chunk["error"])
+            text = self._reader.read(chunk)
+            if text:
+                yield text
+
+    def close(self) -> None:
+        """The body ended without ``[DONE]``: its last line must still be UTF-8."""
+        self._decoder.close()
+
+    def last(self) -> Delta:
+        return self._reader.last()
