@@ -1,11 +1,14 @@
 """Model generations as hub topics (SPEC §8): one upstream call, many viewers, resumable.
 
 A generation's events are published to topic ``streams/{id}`` with ids ``{id}:{seq}``
-(consecutive seqs, ``start`` is 0). One producer task per generation pulls deltas from
-the provider; before each pull it waits for the viewers that asked to throttle the
-upstream (those that came through ``/v1/stream``), so a slow reader slows the model
-instead of growing a buffer. Watchers that only joined (``/v1/streams/{id}``) are hub
-subscribers and are dropped when they fall behind.
+(consecutive seqs, ``start`` is 0). A provider that pushes (``providers.base.Pushes``:
+the synthetic one on its shared clock, the lean upstream clients from their sockets)
+calls this module's sink from the event loop's callbacks, so a delta reaches every
+viewer's transport with no task of its own; any other provider gets one producer task
+that pulls its deltas. Either way, the viewers that asked to throttle the upstream
+(those that came through ``/v1/stream``) pause it while they are behind, so a slow
+reader slows the model instead of growing a buffer. Watchers that only joined
+(``/v1/streams/{id}``) are hub subscribers and are dropped when they fall behind.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 from .http.stream import EventStream
 from .hub.base import Hub, Subscription
 from .hub.presence import RedisPresence
-from .providers.base import GenerationRequest, Provider, ProviderError
+from .providers.base import Feed, GenerationRequest, Provider, ProviderError, Pushes
 from .wire import ids
 from .wire.errors import ClientGone, error_event_data
 from .wire.sse import DONE
@@ -66,7 +69,10 @@ class Generation:
     owner: str | None = None  # the JWT subject that started it (SPEC §9); None: auth off
     seq: int = -1
     viewers: set[EventStream] = field(default_factory=set)
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[None] | None = None  # the producer of a provider that does not push
+    feed: Feed | None = None  # ... or what a pushing provider is doing for it
+    held: bool = False  # its feed is paused until a throttling reader catches up
+    first_at: float | None = None  # time.monotonic() of the first token
     finished: bool = False
     cancel_reason: str | None = None
     ttft_ms: float | None = None
@@ -118,6 +124,7 @@ class Generations:
         self.observer = observer
         self.presence: RedisPresence | None = None  # readers on other instances (Redis)
         self._checks: set[asyncio.Task[None]] = set()
+        self._all_ended: asyncio.Event | None = None  # set when none runs (shutdown waits)
 
     def share(self, presence: RedisPresence) -> None:
         """Let readers on other instances keep generations alive and cancel them."""
@@ -176,7 +183,13 @@ class Generations:
             event="start",
             owner=owner,
         )
-        gen.task = asyncio.get_running_loop().create_task(self._produce(gen))
+        if isinstance(provider, Pushes):
+            try:
+                gen.feed = provider.push(request, _Sink(self, gen))
+            except ProviderError as exc:
+                self._end(gen, _failure(exc))
+        else:
+            gen.task = asyncio.get_running_loop().create_task(self._produce(gen))
         return gen
 
     async def join(
@@ -259,9 +272,17 @@ class Generations:
 
     def cancel(self, gen: Generation, reason: str = "cancelled") -> bool:
         """Stop ``gen``'s upstream call now; its viewers get an error event and the end."""
-        if gen.finished or gen.task is None or gen.task.done():
+        if gen.finished:
             return False
         gen.cancel_reason = reason
+        feed = gen.feed
+        if feed is not None:
+            gen.feed = None
+            feed.cancel()  # closes the upstream call at once
+            self._end(gen, _stopped(reason))
+            return True
+        if gen.task is None or gen.task.done():
+            return False
         gen.task.cancel(msg=reason)
         return True
 
@@ -282,6 +303,59 @@ class Generations:
         )
         self.hub.dispatch(update)
 
+    # pushed: called from the provider's callbacks ----------------------------------------
+
+    def _delta(self, gen: Generation, text: str) -> None:
+        if gen.first_at is None:
+            gen.first_at = time.monotonic()
+            gen.ttft_ms = (gen.first_at - gen.started_at) * 1000
+            self._notify(gen, "first_token")
+        gen.tokens += 1
+        self._publish(gen, _text_payload(text))
+        if not gen.held:
+            for reader in gen.viewers:  # a paused throttler holds the upstream
+                if reader.paused and reader.on_full == "wait":
+                    self._hold(gen, reader)
+                    break
+
+    def _hold(self, gen: Generation, reader: EventStream) -> None:
+        feed = gen.feed
+        if feed is None:
+            return
+        gen.held = True
+        feed.pause()
+        reader.when_drained(lambda: self._recheck(gen))
+
+    def _recheck(self, gen: Generation) -> None:
+        """A reader that held ``gen`` caught up or left: resume unless another holds it."""
+        gen.held = False
+        if gen.finished or gen.feed is None:
+            return
+        for reader in gen.viewers:
+            if reader.paused and reader.on_full == "wait":
+                self._hold(gen, reader)
+                return
+        gen.feed.resume()
+
+    def _pushed_end(self, gen: Generation, error: ProviderError | None) -> None:
+        if gen.finished:
+            return
+        gen.feed = None
+        self._end(gen, _failure(error) if error is not None else None)
+
+    def _pushed_crash(self, gen: Generation, exc: Exception) -> None:
+        """Publishing a delta failed (a bug): end the generation rather than the loop's
+        callback that delivered it."""
+        log.error("generation %s failed", gen.id, exc_info=exc)
+        if gen.finished:
+            return
+        feed, gen.feed = gen.feed, None
+        if feed is not None:
+            feed.cancel()
+        self._end(gen, {"code": "internal_error", "message": type(exc).__name__, "retryable": True})
+
+    # pulled: one producer task ---------------------------------------------------------
+
     async def _wait_for_readers(self, gen: Generation) -> None:
         for stream in tuple(gen.viewers):
             if stream.paused and stream.on_full == "wait":
@@ -299,7 +373,6 @@ class Generations:
             gen.task = None
 
     async def _relay(self, gen: Generation) -> None:
-        first_at: float | None = None
         error: dict[str, Any] | None = None
         assert gen.request is not None
         try:
@@ -307,45 +380,26 @@ class Generations:
                 async for delta in deltas:
                     if not delta.text:
                         continue
-                    if first_at is None:
-                        first_at = time.monotonic()
-                        gen.ttft_ms = (first_at - gen.started_at) * 1000
-                        self._notify(gen, "first_token")
-                    gen.tokens += 1
-                    self._publish(gen, _text_payload(delta.text))
+                    self._delta(gen, delta.text)
                     for reader in gen.viewers:  # a paused throttler holds the upstream
                         if reader.paused and reader.on_full == "wait":
                             await self._wait_for_readers(gen)
                             break
         except ProviderError as exc:
-            error = {"code": exc.code, "message": exc.message, "retryable": exc.retryable}
-            if exc.retry_after_s is not None:
-                error["retry_after_s"] = exc.retry_after_s
+            error = _failure(exc)
         except asyncio.CancelledError:
             reason = gen.cancel_reason or "shutdown"
-            error = {
-                "code": reason,
-                "message": {
-                    "cancelled": "generation cancelled",
-                    "abandoned": "every viewer left",
-                    "shutdown": "server shutting down",
-                }.get(reason, reason),
-                "retryable": reason == "shutdown",
-            }
+            error = _stopped(reason)
             if reason not in ("cancelled", "abandoned"):
-                self._end(gen, first_at, error)
+                self._end(gen, error)
                 raise
         except Exception as exc:
             log.exception("generation %s failed", gen.id)
             error = {"code": "internal_error", "message": type(exc).__name__, "retryable": True}
-        self._end(gen, first_at, error)
+        self._end(gen, error)
 
-    def _end(
-        self,
-        gen: Generation,
-        first_at: float | None,
-        error: dict[str, Any] | None,
-    ) -> None:
+    def _end(self, gen: Generation, error: dict[str, Any] | None) -> None:
+        first_at = gen.first_at
         if error is not None:
             gen.error_code = str(error["code"])
             self._publish(gen, error_event_data(**error), event="error")
@@ -370,7 +424,10 @@ class Generations:
             stream.log.setdefault("ttft_ms", ttft)
             stream.log.setdefault("tokens", gen.tokens)
         gen.viewers = NO_VIEWERS  # an ended generation takes none: one shared empty set
+        gen.feed = None
         self._running.pop(gen.id, None)
+        if not self._running and self._all_ended is not None:
+            self._all_ended.set()
         self._ended[gen.id] = gen
         gen.request = None  # what a resume needs is its id, seq and owner
         self._publish(gen, DONE, final=True)  # the hub ends every viewer's body after it
@@ -382,10 +439,59 @@ class Generations:
 
     async def shutdown(self, grace_s: float) -> None:
         """Let running generations finish within ``grace_s``, then cancel the rest."""
+        if not self._running:
+            return
+        self._all_ended = asyncio.Event()
+        try:
+            async with asyncio.timeout(grace_s):
+                await self._all_ended.wait()
+        except TimeoutError:
+            pass
         tasks = [g.task for g in self._running.values() if g.task is not None]
+        for gen in list(self._running.values()):
+            self.cancel(gen, "shutdown")
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=grace_s)
-            for task in pending:
-                task.cancel(msg="shutdown")
-            if pending:
-                await asyncio.wait(pending, timeout=2.0)
+            await asyncio.wait(tasks, timeout=2.0)
+
+
+class _Sink:
+    """A pushing provider's way into ``Generations`` for one generation."""
+
+    __slots__ = ("_gen", "_generations")
+
+    def __init__(self, generations: Generations, gen: Generation) -> None:
+        self._generations = generations
+        self._gen = gen
+
+    def on_delta(self, text: str) -> None:
+        try:
+            self._generations._delta(self._gen, text)
+        except Exception as exc:
+            self._generations._pushed_crash(self._gen, exc)
+
+    def on_end(self, error: ProviderError | None) -> None:
+        self._generations._pushed_end(self._gen, error)
+
+
+def _failure(exc: ProviderError) -> dict[str, Any]:
+    """The ``event: error`` fields of a provider's failure."""
+    error: dict[str, Any] = {"code": exc.code, "message": exc.message, "retryable": exc.retryable}
+    if exc.retry_after_s is not None:
+        error["retry_after_s"] = exc.retry_after_s
+    return error
+
+
+STOP_MESSAGES = {
+    "cancelled": "generation cancelled",
+    "abandoned": "every viewer left",
+    "shutdown": "server shutting down",
+}
+
+
+def _stopped(reason: str) -> dict[str, Any]:
+    """The ``event: error`` fields of a generation stopped on this side."""
+    return {
+        "code": reason,
+        "message": STOP_MESSAGES.get(reason, reason),
+        "retryable": reason == "shutdown",
+    }

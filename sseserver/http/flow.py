@@ -9,6 +9,7 @@ socket (as uvicorn does).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from ..wire.errors import ClientGone
 
@@ -46,6 +47,16 @@ class FlowControl:
         await asyncio.shield(self._waiter)
         if self._exc is not None:
             raise self._exc
+
+    def when_drained(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` from the loop once the client has caught up or left: how
+        a pushed generation resumes its upstream without a task waiting on ``drain``."""
+        if self._exc is not None or not self.paused:
+            self._loop.call_soon(callback)
+            return
+        if self._waiter is None or self._waiter.done():
+            self._waiter = self._loop.create_future()
+        self._waiter.add_done_callback(lambda _: callback())
 
     def release(self, exc: BaseException | None = None) -> None:
         """Called on connection loss: every current and future waiter fails."""

@@ -229,6 +229,10 @@ class EventStream:
         """Wait while the client is behind. Raises ClientGone when it has left."""
         await self._channel.flow.drain()
 
+    def when_drained(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` once the client has caught up (or left)."""
+        self._channel.flow.when_drained(callback)
+
     def drop_slow(self) -> None:
         """Disconnect a reader that fell behind its buffer bound (hub policy, §5)."""
         if self.state != "streaming":

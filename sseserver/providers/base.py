@@ -183,3 +183,44 @@ class Relay(Protocol):
             ProviderError: the upstream could not be reached (after the client's retries).
         """
         ...
+
+
+class DeltaSink(Protocol):
+    """Where a pushed generation's output goes (``Generations`` is the one user). Called
+    from the event loop's callbacks — the upstream socket's reads, the shared clock —
+    never from a task of the generation's own."""
+
+    def on_delta(self, text: str) -> None:
+        """A piece of the answer's text (never empty)."""
+        ...
+
+    def on_end(self, error: ProviderError | None) -> None:
+        """The answer is complete (``None``) or failed; called once, never after
+        ``Feed.cancel``."""
+        ...
+
+
+class Feed(Protocol):
+    """A generation being pushed: what its consumer can do to it."""
+
+    def pause(self) -> None:
+        """Stop delivering (a reader is behind): the upstream is throttled in turn."""
+        ...
+
+    def resume(self) -> None: ...
+
+    def cancel(self) -> None:
+        """Stop now and close the upstream call; the sink hears nothing more."""
+        ...
+
+
+@runtime_checkable
+class Pushes(Protocol):
+    """A provider that delivers deltas by calling a sink from the event loop's own
+    callbacks, so a chunk travels from the upstream socket to every viewer's transport
+    with no task switch and no producer task per generation (SPEC §7)."""
+
+    def push(self, request: GenerationRequest, sink: DeltaSink) -> Feed:
+        """Start ``request``; deltas and the end go to ``sink``. Validation errors are
+        raised here (``BadRequest``); everything later reaches ``sink.on_end``."""
+        ...

@@ -114,7 +114,7 @@ async def test_stop_cancels_the_generation(tmp_path: Path) -> None:
         assert await wait_for_state(page, "stopped", "done", "error") == "stopped"
         await eventually(lambda: gen.finished, 5.0, "the generation ends after Stop")
         assert gen.error_code == "cancelled"  # the page's cancel, not an abandoned stream
-        await eventually(lambda: gen.task is None, 2.0, "the producer task is done")
+        await eventually(lambda: gen.finished and gen.feed is None, 2.0, "the generation stopped")
         assert gen.tokens < tokens
         produced = gen.tokens
 

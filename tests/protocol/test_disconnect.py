@@ -36,7 +36,11 @@ def hang_up(client: RawClient, how: str) -> None:
 
 async def assert_cancelled_promptly(gen: Generation, since: float) -> None:
     # The producer lets its task go once done.
-    await eventually(lambda: gen.task is None, within=2.0, what="producer task done")
+    await eventually(
+        lambda: gen.finished and gen.task is None and gen.feed is None,
+        within=2.0,
+        what="generation stopped",
+    )
     elapsed = time.monotonic() - since
     assert elapsed < PROMPT_CANCEL_S, f"producer stopped {elapsed * 1000:.0f} ms after hang-up"
 

@@ -134,7 +134,7 @@ async def test_client_reading_nothing_pauses_the_producer() -> None:
 
         # Client gone: the generation is abandoned and stops.
         await eventually(lambda: gen.finished, within=2.0, what="generation ended")
-        assert gen.task is None  # done, and released
+        assert gen.task is None and gen.feed is None  # done, and released
 
 
 async def test_paused_reader_repeatedly_refills_within_bound() -> None:

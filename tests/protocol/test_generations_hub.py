@@ -216,7 +216,7 @@ async def test_last_viewer_leaving_cancels_the_upstream() -> None:
         assert latency < 0.1, f"upstream closed {latency * 1000:.0f} ms after the last viewer"
         await eventually(lambda: gen.finished, within=1.0, what="generation finished")
         assert gen.cancel_reason == "abandoned"
-        assert gen.task is None  # done, and released
+        assert gen.task is None and gen.feed is None  # done, and released
         tokens = gen.tokens
         assert tokens < 1000
         assert ctx.generations.running == 0
