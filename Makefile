@@ -8,7 +8,7 @@ NODE_STAMP := tests/node/node_modules/.installed
 FUZZ_MINUTES ?= 30
 FUZZ_EXAMPLES ?= 2000
 FUZZ_TESTS := tests/protocol/test_fuzz_requests.py::test_fuzzed_requests_never_crash_hang_or_leak \
-	tests/unit/test_providers_openai_fast.py
+	tests/unit/test_sse_decode.py
 SOAK_MINUTES ?= 30
 # The same load on a server that keeps nothing: the RSS the budget comes on top of.
 NO_HISTORY := --server-arg=--history-bytes=1 --server-arg=--resume-window-s=0

@@ -20,7 +20,7 @@ MiB = 1024 * KiB
 HUB_SCHEMES = ("memory", "redis", "rediss", "unix")
 # The clients each provider can be reached with (providers.CLIENTS registers them; a
 # unit test keeps the two lists equal). The first is the default.
-UPSTREAM_CLIENTS = {"openai": ("lean", "sdk", "fast"), "gemini": ("lean", "sdk")}
+UPSTREAM_CLIENTS = {"openai": ("lean", "sdk"), "gemini": ("lean", "sdk")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +67,7 @@ class Config:
     provider: str = "synthetic"
     openai_base_url: str | None = None
     # "lean": the server's own upstream client (providers/upstream); "sdk": the official
-    # SDK; "fast" (openai): plain httpx. The same requests, deltas and errors.
+    # SDK. The same requests, deltas and errors.
     openai_client: str = "lean"
     gemini_base_url: str | None = None
     gemini_client: str = "lean"

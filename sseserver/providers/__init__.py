@@ -17,7 +17,6 @@ PROVIDERS: dict[str, str] = {
 CLIENTS: dict[str, dict[str, str]] = {
     "openai": {
         "sdk": PROVIDERS["openai"],
-        "fast": "sseserver.providers.openai_fast:FastOpenAIProvider",
         "lean": "sseserver.providers.openai_lean:LeanOpenAIProvider",
     },
     "gemini": {

@@ -10,8 +10,14 @@ Deliberate choices:
   generation that is reading at that moment (a ``ContextVar`` set only around our calls
   into the SDK), and our ``finally`` closes them. A response not read to its end closes
   its connection rather than going back to the pool.
-- No hidden retries: the SDK's defaults retry nothing, and automatic continuation (new
-  requests after a dropped stream) is turned off; errors say ``retryable``, callers decide.
+- Retries before the first byte as the lean client makes them (``HttpRetryOptions``: the
+  lean client's ``MAX_RETRIES``, 2, for 408/409/429/5xx and refused connections, backing
+  off from 0.5 s doubling up to 8 s). Where google-genai differs: it waits its backoff,
+  never what ``Retry-After`` says; it also retries a wait for the answer's head that timed
+  out (the lean client does not, so that a hung upstream costs one timeout, not three)
+  and a certificate that does not verify; and it does not retry a connection closed
+  before the answer's head. Once an answer has begun nothing is retried, and automatic
+  continuation (new requests after a dropped stream) is turned off.
 - ``timeout_s`` bounds connect, each write and each read (first byte, and every gap).
 - The key is ``api_key``, else ``GEMINI_API_KEY``, else ``GOOGLE_API_KEY`` (SPEC §10
   names the first), else ``PLACEHOLDER_API_KEY`` so that local fakes and proxies that
@@ -55,6 +61,18 @@ from .gemini_wire import (
     validate,
 )
 from .pool import upstream_pool
+from .upstream.client import (
+    INITIAL_RETRY_DELAY_S,
+    MAX_RETRIES,
+    MAX_RETRY_DELAY_S,
+    RETRY_STATUSES,
+)
+
+# The statuses google-genai retries: the lean client's (every 5xx spelled out: the SDK
+# takes a list). Its jitter adds up to this much to each wait (the lean client takes up to
+# a quarter off instead).
+RETRIED_STATUSES = sorted({*RETRY_STATUSES, *range(500, 600)})
+RETRY_JITTER_S = 0.125
 
 # The responses opened by the generation currently calling into the SDK (see the module
 # docstring). None outside our calls, so other users of the client are left alone.
@@ -119,6 +137,14 @@ class GeminiProvider:
                 timeout=max(1, round(timeout_s * 1000)),  # milliseconds
                 httpx_async_client=self._http,
                 httpx_client=self._sync_http,
+                retry_options=types.HttpRetryOptions(
+                    attempts=1 + MAX_RETRIES,
+                    initial_delay=INITIAL_RETRY_DELAY_S,
+                    max_delay=MAX_RETRY_DELAY_S,
+                    exp_base=2,
+                    jitter=RETRY_JITTER_S,
+                    http_status_codes=RETRIED_STATUSES,
+                ),
             ),
         )
 

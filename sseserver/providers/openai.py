@@ -1,6 +1,7 @@
 """OpenAI, and every OpenAI-compatible API (Groq, OpenRouter, vLLM, Ollama, ...), through
-the official ``openai`` SDK (SPEC §7). ``--openai-client fast`` swaps in ``openai_fast.py``;
-what the two share (options, request body, chunk reading, errors) is ``openai_wire.py``.
+the official ``openai`` SDK (SPEC §7; ``--openai-client sdk``). The default client is
+``openai_lean.py``; what the two share (options, request body, chunk reading, errors) is
+``openai_wire.py``.
 
 Deliberate choices (and those of ``openai_wire``):
 - We own the ``httpx.AsyncClient`` the SDK sends through. A stream we stop early is closed
@@ -8,7 +9,14 @@ Deliberate choices (and those of ``openai_wire``):
   than pooling it, because an HTTP/1.1 response that was not read to its end cannot carry
   another request (tests/protocol/test_providers_wire.py measures this at the upstream's
   socket).
-- The SDK's own retries are off (``max_retries=0``).
+- The SDK retries before the first byte as the lean client does (``max_retries`` is the
+  lean client's ``MAX_RETRIES``, 2): connection failures, 408/409/429/5xx and
+  ``x-should-retry: true``, waiting what ``retry-after-ms``/``Retry-After`` says, else
+  0.5 s doubling. Where the SDK differs: it also retries a wait for the answer's head that
+  timed out (the lean client does not, so that a hung upstream costs one timeout, not
+  three), a certificate that does not verify and a proxy's 407; and it honours a
+  ``Retry-After`` of up to 120 s (openai 3.x; the lean client 60 s) and gives up at once
+  on a longer one.
 - A transport failure while the SDK reads an error answer's body escapes it unwrapped; it is
   told like any other failed request.
 """
@@ -31,6 +39,7 @@ from .openai_wire import (
     error_event,
     not_json,
 )
+from .upstream.client import MAX_RETRIES
 
 __all__ = ["PLACEHOLDER_API_KEY", "OpenAIProvider", "retry_after", "status_error"]
 
@@ -45,7 +54,7 @@ class OpenAIProvider(OpenAIBase):
             api_key=self.api_key,
             base_url=self.base_url,
             timeout=self.timeout_s,
-            max_retries=0,
+            max_retries=MAX_RETRIES,
             # openai 3.x annotates httpx2 clients only, but accepts httpx ones (its
             # is_legacy_httpx_async_client); openai 1.x knows only httpx. httpx is what this
             # project depends on, so it works with both.

@@ -1,15 +1,15 @@
-"""What the two OpenAI clients (``openai.py``, the SDK; ``openai_fast.py``, plain httpx) share:
-options, validation, the request body, the reading of ``chat.completion.chunk`` objects and
-the mapping of failures to ``ProviderError``s. One place for each, so that ``--openai-client``
-changes the cost per chunk and nothing else (tests/unit/test_providers_openai_fast.py holds
-the two side by side).
+"""What the OpenAI clients (``openai.py``, the SDK; ``openai_lean.py``, the lean client)
+share: options, validation, the request body, the reading of ``chat.completion.chunk``
+objects and the mapping of failures to ``ProviderError``s. One place for each, so that
+``--openai-client`` changes the cost per chunk and nothing else (tests/protocol/
+test_providers_replay.py replays the same bytes to both).
 
 Deliberate choices (both clients):
-- One ``httpx.AsyncClient`` per provider: one pool for the provider's life, closed by
-  ``aclose()``. A response abandoned before its end closes its connection (httpcore does not
-  pool an HTTP/1.1 connection whose response was not read to its end).
-- No hidden retries. A retry before the first token hides seconds of latency and a
-  ``Retry-After`` the caller should see; our errors say ``retryable`` and the caller decides.
+- One pool per provider, for the provider's life, closed by ``aclose()``. A response
+  abandoned before its end closes its connection, never pools it.
+- The SDK's retries, before the first byte only (connection errors, 408/409/429/5xx,
+  ``Retry-After`` honoured, at most 2); once an answer has begun nothing is retried, and
+  our errors say ``retryable`` so the caller decides.
 - ``timeout_s`` bounds connect, each write, and each read: the wait for the first byte of
   the answer and every gap between chunks.
 - With no key given and no ``OPENAI_API_KEY``, the key is ``PLACEHOLDER_API_KEY``: local
@@ -53,8 +53,6 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"  # the SDK's, when neither flag n
 # (vLLM, Ollama, ...) the model names are the operator's, so only the default is offered.
 OPENAI_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1")
 MAX_TEMPERATURE = 2.0  # the Chat Completions API's range is [0, 2]
-
-# Statuses worth retrying later (the SDK's own retry list): timeout, conflict, overload.
 
 # What the openai SDK counts as a failed request (its ``_httpx2.request_exceptions``): httpx's
 # own, and the TLS and end-of-stream errors that anyio's streams raise unmapped.
@@ -137,15 +135,9 @@ class OpenAIBase:
         return HttpxAnswer(response, self)
 
     def _open_pool(self, transport: httpx.AsyncBaseTransport | None) -> None:
-        """The connection pool of this provider's client (httpx for the SDK and ``fast``;
-        the lean client brings its own)."""
-        self._http = upstream_pool(
-            self.timeout_s, transport, follow_redirects=True, **self._http_options()
-        )
-
-    def _http_options(self) -> dict[str, Any]:
-        """More ``httpx.AsyncClient`` arguments (base URL, default headers)."""
-        return {}
+        """The connection pool of this provider's client (httpx for the SDK; the lean
+        client brings its own)."""
+        self._http = upstream_pool(self.timeout_s, transport, follow_redirects=True)
 
     def validate(self, request: GenerationRequest) -> None:
         """Refuse what the API would refuse, before anything is sent.
@@ -212,7 +204,7 @@ class ChunkReader:
     """Reads the ``chat.completion.chunk`` objects of one answer: the text of each, and
     at the end the finish reason and usage they told.
 
-    The SDK hands over its models built without validation, the fast client plain JSON;
+    The SDK hands over its models built without validation, the lean client plain JSON;
     ``fields`` gives either one's fields as a mapping, so the shape is checked here once.
     """
 
@@ -321,12 +313,14 @@ def error_detail(text: str) -> tuple[str | None, str | None]:
 
 
 class ChatEvents:
-    """The events of one streamed answer, as both SDK-less clients read them: the text of
+    """The events of one streamed answer, as the lean client reads them: the text of
     each ``chat.completion.chunk``, ``[DONE]`` (``done``; what follows is never read, as
     in the SDK), ``event: thread.*`` skipped, an ``{"error": ...}`` event raised. Lazy, so
     the text before a bad event is handed on before the bad event fails."""
 
     __slots__ = ("_decoder", "_reader", "done")
+
+    started = True  # a connection dropped after the head is "dropped mid-stream"
 
     def __init__(self) -> None:
         self._decoder = EventDecoder()

@@ -1,15 +1,18 @@
 """Providers against local upstreams that speak the real wire formats, over loopback sockets.
 
-The real SDKs do the HTTP (and, as kind ``openai-fast``, the SDK-less client that
-``--openai-client fast`` selects); the fakes (tests/upstreams) record each connection's close time,
-so "the upstream connection is closed within 100 ms of a cancel" (SPEC §7) is measured at
-the upstream's socket, not inferred from the client side.
+Every client of each API does the HTTP: the real SDKs, and the lean client (kinds
+``openai-lean``, ``gemini-lean``); the fakes (tests/upstreams) record each connection's close
+time, so "the upstream connection is closed within 100 ms of a cancel" (SPEC §7) is measured
+at the upstream's socket, not inferred from the client side, and each request, so that a
+client's retries are counted where they arrive. Every client's retry backoff is 1 ms here
+(``tests.support.retries``), and the failures that are retried say a short ``Retry-After``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -40,22 +43,21 @@ from sseserver.providers.base import (
 from sseserver.providers.gemini import GeminiProvider
 from sseserver.providers.gemini_lean import LeanGeminiProvider
 from sseserver.providers.openai import OpenAIProvider
-from sseserver.providers.openai_fast import FastOpenAIProvider
 from sseserver.providers.openai_lean import LeanOpenAIProvider
 from tests.support.mock_transport import ask
 from tests.support.procs import ROOT
+from tests.support.retries import short_backoff  # noqa: F401  (autouse: 1 ms backoff)
 from tests.upstreams import ConnectionRecord, FakeUpstream, expected_text
 from tests.upstreams.gemini_wire import GeminiWire
 from tests.upstreams.openai_wire import OpenAIWire
 
 CANCEL_BUDGET_S = 0.100  # SPEC §7
+RETRIES = 2  # before the first byte, every client's at most (SPEC §7)
 
 
 # The concrete classes, not the Provider protocol: their ``stream`` is an async generator,
 # which ``contextlib.aclosing`` and ``aclose()`` need.
-AnyProvider = (
-    OpenAIProvider | FastOpenAIProvider | LeanOpenAIProvider | GeminiProvider | LeanGeminiProvider
-)
+AnyProvider = OpenAIProvider | LeanOpenAIProvider | GeminiProvider | LeanGeminiProvider
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,14 +68,13 @@ class Kind:
 
     @property
     def api(self) -> str:
-        """The API spoken: "openai" for both OpenAI clients."""
+        """The API spoken: "openai" for both OpenAI clients, "gemini" for both Gemini ones."""
         return self.wire.api_name
 
 
 KINDS = [
     Kind("openai", OpenAIWire, OpenAIProvider),
     Kind("gemini", GeminiWire, GeminiProvider),
-    Kind("openai-fast", OpenAIWire, FastOpenAIProvider),
     Kind("openai-lean", OpenAIWire, LeanOpenAIProvider),
     Kind("gemini-lean", GeminiWire, LeanGeminiProvider),
 ]
@@ -203,12 +204,13 @@ async def test_finished_stream_keeps_connection_pooled_until_aclose(env: Env) ->
 # Failures -> ProviderError subclasses
 # --------------------------------------------------------------------------------------
 
-# (directive, class, code, retryable, status, retry_after_s, deltas before the error)
+# (directive, class, code, retryable, status, retry_after_s, deltas before the error). The
+# statuses every client retries say a short Retry-After, which the retries wait for.
 FAILURES: list[tuple[str, type[ProviderError], str, bool, int | None, float | None, int]] = [
     ("fail=401", UpstreamHTTPError, "upstream_401", False, 401, None, 0),
-    ("fail=429 retry_after=7", UpstreamHTTPError, "rate_limited", True, 429, 7.0, 0),
+    ("fail=429 retry_after=0.02", UpstreamHTTPError, "rate_limited", True, 429, 0.02, 0),
     ("fail=500", UpstreamHTTPError, "upstream_500", True, 500, None, 0),
-    ("fail=503 retry_after=2", UpstreamHTTPError, "upstream_503", True, 503, 2.0, 0),
+    ("fail=503 retry_after=0.01", UpstreamHTTPError, "upstream_503", True, 503, 0.01, 0),
     ("fail=404", UpstreamHTTPError, "upstream_404", False, 404, None, 0),
     ("fail=hang", UpstreamTimeout, "upstream_timeout", True, None, None, 0),
     ("fail=stall after=2", UpstreamTimeout, "upstream_timeout", True, None, None, 2),
@@ -442,9 +444,9 @@ async def test_cancel_latency_distribution(kind: Kind) -> None:
 # --openai-client, --gemini-client: the SDK and the other clients are exchangeable
 # --------------------------------------------------------------------------------------
 
-# Each API's SDK kind (named after the API) against every other client of that API.
+# Each API's SDK kind (named after the API) against its lean client.
 SDK_KINDS = {k.api: k for k in KINDS if k.name == k.api}
-OTHER_KINDS = [k for k in KINDS if k.name != k.api]
+LEAN_KINDS = [k for k in KINDS if k.name != k.api]
 # The request headers that matter upstream, per API.
 SENT_HEADERS = {
     "openai": ("authorization", "content-type", "accept"),
@@ -466,13 +468,17 @@ EQUIVALENT_REQUESTS = {
     "slow-tokens": ask("[fake tokens=4 interval_ms=5 ttft_ms=20]"),
 }
 EQUIVALENT_FAILURES = [f[0] for f in FAILURES] + [
-    "fail=429",  # the fake's default Retry-After: 1
+    "fail=429",  # OpenAI: the fake's default Retry-After, 1; Gemini: a RetryInfo detail
     "fail=error_event after=1",
     "fail=error_event after=0",
+    "fail=408",
     "fail=409",
     "fail=418",
-    "fail=502 retry_after=0.25",
+    "fail=502 retry_after=0.05",
 ]
+# Where the SDKs retry and the lean client does not (providers/openai.py, gemini.py): a
+# wait for the answer's head that timed out.
+SDK_ONLY_RETRIES = ("fail=hang",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -483,6 +489,7 @@ class Outcome:
     error: tuple[type[ProviderError], str, str, bool, int | None, float | None] | None
     sent: Any  # the request body, as JSON
     headers: dict[str, str]  # the request headers that matter upstream
+    attempts: int  # the requests the upstream received: 1, plus the client's retries
 
 
 async def outcome(kind: Kind, request: GenerationRequest) -> Outcome:
@@ -496,27 +503,86 @@ async def outcome(kind: Kind, request: GenerationRequest) -> Outcome:
             error = (type(exc), exc.code, exc.message, exc.retryable, exc.status, exc.retry_after_s)
         req = env.up.requests[-1]
         names = SENT_HEADERS[kind.api]
-        return Outcome(deltas, error, req.json(), {n: req.headers[n] for n in names})
+        headers = {n: req.headers[n] for n in names}
+        return Outcome(deltas, error, req.json(), headers, len(env.up.requests))
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("other", OTHER_KINDS, ids=[k.name for k in OTHER_KINDS])
+@pytest.mark.parametrize("lean", LEAN_KINDS, ids=[k.name for k in LEAN_KINDS])
 @pytest.mark.parametrize("name", list(EQUIVALENT_REQUESTS))
-async def test_clients_of_one_api_give_the_same_deltas(name: str, other: Kind) -> None:
+async def test_clients_of_one_api_give_the_same_deltas(name: str, lean: Kind) -> None:
     request = EQUIVALENT_REQUESTS[name]
-    sdk, fast = await outcome(SDK_KINDS[other.api], request), await outcome(other, request)
+    sdk, ours = await outcome(SDK_KINDS[lean.api], request), await outcome(lean, request)
     assert sdk.error is None and sdk.deltas[-1].finish_reason is not None
-    assert fast == sdk
+    assert ours == sdk
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("other", OTHER_KINDS, ids=[k.name for k in OTHER_KINDS])
+@pytest.mark.parametrize("lean", LEAN_KINDS, ids=[k.name for k in LEAN_KINDS])
 @pytest.mark.parametrize("directive", EQUIVALENT_FAILURES)
-async def test_clients_of_one_api_fail_alike(directive: str, other: Kind) -> None:
+async def test_clients_of_one_api_fail_alike(directive: str, lean: Kind) -> None:
+    """The same error after the same retries: a failure one client retries, the other
+    retries as often."""
     request = ask(f"x [fake tokens=5 {directive}]", max_tokens=20)
-    sdk, fast = await outcome(SDK_KINDS[other.api], request), await outcome(other, request)
+    sdk, ours = await outcome(SDK_KINDS[lean.api], request), await outcome(lean, request)
     assert sdk.error is not None
-    assert fast == sdk
+    if directive in SDK_ONLY_RETRIES:
+        assert (sdk.attempts, ours.attempts) == (1 + RETRIES, 1)
+        sdk = dataclasses.replace(sdk, attempts=ours.attempts)
+    assert ours == sdk
+
+
+# --------------------------------------------------------------------------------------
+# Retries before the first byte (SPEC §7), counted at the upstream
+# --------------------------------------------------------------------------------------
+
+# (directive, requests one call makes: lean client, SDK)
+ATTEMPTS: list[tuple[str, int, int]] = [
+    ("fail=408", 1 + RETRIES, 1 + RETRIES),
+    ("fail=409", 1 + RETRIES, 1 + RETRIES),
+    ("fail=429 retry_after=0.01", 1 + RETRIES, 1 + RETRIES),
+    ("fail=500", 1 + RETRIES, 1 + RETRIES),
+    ("fail=599", 1 + RETRIES, 1 + RETRIES),
+    ("fail=400", 1, 1),
+    ("fail=401", 1, 1),
+    ("fail=404", 1, 1),
+    ("fail=418", 1, 1),
+    ("fail=drop after=0", 1, 1),  # the answer's head had arrived: nothing is retried
+    ("fail=error_event after=0", 1, 1),
+    ("fail=hang", 1, 1 + RETRIES),  # see SDK_ONLY_RETRIES
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", KINDS, ids=[k.name for k in KINDS])
+@pytest.mark.parametrize(("directive", "lean", "sdk"), ATTEMPTS, ids=[a[0] for a in ATTEMPTS])
+async def test_retries_before_the_first_byte(
+    directive: str, lean: int, sdk: int, kind: Kind
+) -> None:
+    async with environment(kind, timeout_s=0.2) as env:
+        with pytest.raises(ProviderError):
+            await collect(env.provider, ask(f"x [fake tokens=5 {directive}]"))
+        assert len(env.up.requests) == (sdk if kind in SDK_KINDS.values() else lean)
+        # A retried call sent the same request each time.
+        assert len({r.body for r in env.up.requests}) == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", KINDS, ids=[k.name for k in KINDS])
+async def test_retries_wait_what_retry_after_says(kind: Kind) -> None:
+    wait = 0.1
+    async with environment(kind) as env:
+        t0 = time.monotonic()
+        with pytest.raises(UpstreamHTTPError) as info:
+            await collect(env.provider, ask(f"x [fake fail=503 retry_after={wait}]"))
+        took = time.monotonic() - t0
+        assert len(env.up.requests) == 1 + RETRIES
+    assert info.value.retry_after_s == wait
+    if kind.name == "gemini":
+        # google-genai waits its own backoff (1 ms here), never what Retry-After says.
+        assert took < RETRIES * wait, took
+    else:
+        assert took >= RETRIES * wait * 0.95, took
 
 
 # --------------------------------------------------------------------------------------
@@ -525,7 +591,7 @@ async def test_clients_of_one_api_fail_alike(directive: str, other: Kind) -> Non
 
 MIXED = [
     "fail=401",
-    "fail=429",
+    "fail=429 retry_after=0.01",
     "fail=500",
     "fail=503",
     "fail=hang",

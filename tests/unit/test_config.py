@@ -67,7 +67,7 @@ OPTIONS: dict[str, tuple[str, Any, str, Any]] = {
     "workers": ("3", 3, "4", 4),
     "provider": ("openai", "openai", "gemini", "gemini"),
     "openai_base_url": ("http://a:1/v1", "http://a:1/v1", "http://b:2/v1", "http://b:2/v1"),
-    "openai_client": ("fast", "fast", "sdk", "sdk"),
+    "openai_client": ("sdk", "sdk", "lean", "lean"),
     "gemini_client": ("sdk", "sdk", "lean", "lean"),
     "gemini_base_url": ("http://g:1", "http://g:1", "http://h:2", "http://h:2"),
     "upstream_timeout_s": ("2.5", 2.5, "7", 7.0),
@@ -151,7 +151,7 @@ def test_empty_environment_value_means_default(name: str) -> None:
 
 
 def test_upstream_clients_default_to_the_lean_client() -> None:
-    # SPEC §10: the lean client unless ``sdk`` (or ``fast``) is chosen.
+    # SPEC §10: the lean client unless ``sdk`` is chosen.
     assert Config().openai_client == "lean"
     assert Config().gemini_client == "lean"
     assert load_config([], {"SSESERVER_OPENAI_CLIENT": "sdk"}).openai_client == "sdk"
@@ -375,7 +375,8 @@ def test_validate_port_accepts(port: int) -> None:
         ({"log_format": "JSON"}, "--log-format"),
         ({"loop": "trio"}, "--loop"),
         ({"openai_client": "turbo"}, "--openai-client"),
-        ({"openai_client": "FAST"}, "--openai-client"),
+        ({"openai_client": "fast"}, "--openai-client"),  # gone: lean does it better
+        ({"openai_client": "SDK"}, "--openai-client"),
         ({"gemini_client": "fast"}, "--gemini-client"),
         ({"hub": "postgres://x"}, "--hub"),
         ({"hub": "redis"}, "--hub"),

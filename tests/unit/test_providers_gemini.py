@@ -36,6 +36,7 @@ from tests.support.mock_transport import (
     run,
     sse_response,
 )
+from tests.support.retries import short_backoff  # noqa: F401  (autouse: 1 ms backoff)
 
 BASE_URL = "http://gemini.test/"
 
@@ -209,7 +210,10 @@ def google_error(status: int, name: str, details: list[Any] | None = None) -> di
 
 RETRY_INFO = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "37s"}]
 
-# (status, status name, headers, details, code, retryable, retry_after_s)
+RETRIES = 2  # the lean client's MAX_RETRIES, which the SDK is given
+
+# (status, status name, headers, details, code, retryable, retry_after_s); the retryable
+# ones are asked again, twice (google-genai waits its backoff, not Retry-After).
 STATUS_CASES: list[tuple[int, str, dict[str, str], Any, str, bool, float | None]] = [
     (400, "INVALID_ARGUMENT", {}, None, "upstream_400", False, None),
     (401, "UNAUTHENTICATED", {}, None, "upstream_401", False, None),
@@ -249,7 +253,22 @@ async def test_http_status_maps_to_upstream_http_error(
     )
     assert name in exc.message
     assert "g-t" not in exc.message  # the upstream's own words stay out of client errors
-    assert len(upstream.requests) == 1  # no hidden retries
+    assert len(upstream.requests) == (1 + RETRIES if retryable else 1)
+
+
+# (status, requests one call makes): what the lean client retries (SPEC §7)
+RETRY_CASES = [(408, 1 + RETRIES), (409, 1 + RETRIES), (502, 1 + RETRIES), (599, 1 + RETRIES)]
+RETRY_CASES += [(400, 1), (404, 1), (418, 1), (422, 1)]
+
+
+@pytest.mark.parametrize(("status", "attempts"), RETRY_CASES)
+async def test_sdk_retries_the_statuses_the_lean_client_retries(status: int, attempts: int) -> None:
+    upstream = Upstream(lambda r: httpx.Response(status, json=google_error(status, "X")))
+    with pytest.raises(UpstreamHTTPError) as info:
+        await run(provider_for(upstream))
+    assert info.value.status == status
+    assert len(upstream.requests) == attempts
+    assert len({r.content for r in upstream.requests}) == 1  # the same request each time
 
 
 async def test_error_event_in_stream_maps_like_a_status() -> None:
@@ -260,21 +279,26 @@ async def test_error_event_in_stream_maps_like_a_status() -> None:
     assert body.closed
 
 
+# (failure, error, requests one call makes): google-genai retries a refused connection and
+# a timeout (the lean client: not a timeout), not a connection closed before the head (the
+# lean client does).
 @pytest.mark.parametrize(
-    ("exc", "cls"),
+    ("exc", "cls", "attempts"),
     [
-        (httpx.ReadTimeout("t"), UpstreamTimeout),
-        (httpx.ConnectTimeout("t"), UpstreamTimeout),
-        (httpx.ConnectError("refused"), UpstreamConnectionError),
-        (httpx.RemoteProtocolError("bad"), UpstreamConnectionError),
+        (httpx.ReadTimeout("t"), UpstreamTimeout, 1 + RETRIES),
+        (httpx.ConnectTimeout("t"), UpstreamTimeout, 1 + RETRIES),
+        (httpx.ConnectError("refused"), UpstreamConnectionError, 1 + RETRIES),
+        (httpx.RemoteProtocolError("bad"), UpstreamConnectionError, 1),
     ],
 )
-async def test_transport_failure_before_answer(exc: Exception, cls: type[ProviderError]) -> None:
+async def test_transport_failure_before_answer(
+    exc: Exception, cls: type[ProviderError], attempts: int
+) -> None:
     upstream = Upstream(raising(exc))
     with pytest.raises(cls) as info:
         await run(provider_for(upstream))
     assert info.value.retryable
-    assert len(upstream.requests) == 1  # no automatic continuation or retry
+    assert len(upstream.requests) == attempts
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,6 @@
 """sseserver.providers.openai without sockets: recorded wire chunks replayed to the real
-``openai`` SDK through ``httpx.MockTransport`` (socket tests: tests/protocol).
-
-Every test runs for both clients of the provider (``--openai-client``): the SDK and the
-SDK-less ``openai_fast``; tests/unit/test_providers_openai_fast.py holds them side by side."""
+``openai`` SDK through ``httpx.MockTransport`` (socket tests, and the lean client, which
+talks to the network only: tests/protocol)."""
 
 from __future__ import annotations
 
@@ -16,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from sseserver.config import Config
 from sseserver.providers import load
 from sseserver.providers.base import (
     BadRequest,
@@ -30,7 +29,9 @@ from sseserver.providers.base import (
     Usage,
 )
 from sseserver.providers.openai import PLACEHOLDER_API_KEY, OpenAIProvider, retry_after
-from sseserver.providers.openai_fast import FastOpenAIProvider
+from sseserver.providers.openai_lean import LeanOpenAIProvider
+from sseserver.providers.synthetic import SyntheticProvider
+from sseserver.web.context import configured_providers
 from tests.support.mock_transport import (
     Body,
     Upstream,
@@ -40,10 +41,14 @@ from tests.support.mock_transport import (
     run,
     sse_response,
 )
+from tests.support.retries import short_backoff  # noqa: F401  (autouse: 1 ms backoff)
 
-AnyOpenAI = OpenAIProvider | FastOpenAIProvider
-ClientClass = type[OpenAIProvider] | type[FastOpenAIProvider]
-CLIENTS: dict[str, ClientClass] = {"sdk": OpenAIProvider, "fast": FastOpenAIProvider}
+# The class each --openai-client names (None: the provider's registered default).
+CLIENTS: dict[str | None, type[OpenAIProvider | LeanOpenAIProvider]] = {
+    None: OpenAIProvider,
+    "sdk": OpenAIProvider,
+    "lean": LeanOpenAIProvider,
+}
 
 BASE_URL = "http://openai.test/v1"
 
@@ -68,24 +73,18 @@ RECORDED = [
 ]
 
 
-@pytest.fixture(params=list(CLIENTS))
-def client_cls(request: pytest.FixtureRequest) -> ClientClass:
-    """The provider's class for each ``--openai-client``."""
-    return CLIENTS[request.param]
-
-
 def chunk(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
-def provider_for(client_cls: ClientClass, upstream: Upstream, **kw: Any) -> AnyOpenAI:
+def provider_for(upstream: Upstream, **kw: Any) -> OpenAIProvider:
     kw.setdefault("api_key", "sk-test")
-    return client_cls(base_url=BASE_URL, transport=httpx.MockTransport(upstream), **kw)
+    return OpenAIProvider(base_url=BASE_URL, transport=httpx.MockTransport(upstream), **kw)
 
 
-async def test_recorded_stream_gives_deltas_then_finish_and_usage(client_cls: ClientClass) -> None:
+async def test_recorded_stream_gives_deltas_then_finish_and_usage() -> None:
     body = Body(RECORDED)
-    deltas = await run(provider_for(client_cls, Upstream(sse_response(body))))
+    deltas = await run(provider_for(Upstream(sse_response(body))))
     assert deltas == [
         Delta(text="Hel"),
         Delta(text="lo!"),
@@ -94,7 +93,7 @@ async def test_recorded_stream_gives_deltas_then_finish_and_usage(client_cls: Cl
     assert body.closed
 
 
-async def test_request_carries_model_system_and_parameters(client_cls: ClientClass) -> None:
+async def test_request_carries_model_system_and_parameters() -> None:
     upstream = Upstream(sse_response(Body(RECORDED)))
     request = GenerationRequest(
         model="gpt-test",
@@ -103,7 +102,7 @@ async def test_request_carries_model_system_and_parameters(client_cls: ClientCla
         temperature=0.5,
         max_tokens=20,
     )
-    await run(provider_for(client_cls, upstream), request)
+    await run(provider_for(upstream), request)
     sent = upstream.requests[-1]
     assert sent.url == "http://openai.test/v1/chat/completions"
     assert sent.headers["authorization"] == "Bearer sk-test"
@@ -122,11 +121,9 @@ async def test_request_carries_model_system_and_parameters(client_cls: ClientCla
     }
 
 
-async def test_unset_parameters_are_not_sent_and_default_model_is_used(
-    client_cls: ClientClass,
-) -> None:
+async def test_unset_parameters_are_not_sent_and_default_model_is_used() -> None:
     upstream = Upstream(sse_response(Body(RECORDED)))
-    await run(provider_for(client_cls, upstream, default_model="my-default"))
+    await run(provider_for(upstream, default_model="my-default"))
     body = upstream.body()
     assert body["model"] == "my-default"
     assert "temperature" not in body and "max_tokens" not in body
@@ -146,17 +143,16 @@ async def test_api_key_fallbacks(
     env: dict[str, str],
     given: str | None,
     expected: str,
-    client_cls: ClientClass,
 ) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     upstream = Upstream(sse_response(Body(RECORDED)))
-    await run(provider_for(client_cls, upstream, api_key=given))
+    await run(provider_for(upstream, api_key=given))
     assert upstream.requests[-1].headers["authorization"] == f"Bearer {expected}"
 
 
-async def test_usage_chunk_with_null_choices_as_vllm_sends_it(client_cls: ClientClass) -> None:
+async def test_usage_chunk_with_null_choices_as_vllm_sends_it() -> None:
     chunks = [
         *RECORDED[:4],
         chunk(
@@ -171,25 +167,21 @@ async def test_usage_chunk_with_null_choices_as_vllm_sends_it(client_cls: Client
         ),
         b"data: [DONE]\n\n",
     ]
-    deltas = await run(provider_for(client_cls, Upstream(sse_response(Body(chunks)))))
+    deltas = await run(provider_for(Upstream(sse_response(Body(chunks)))))
     assert deltas[-1] == Delta(finish_reason="stop", usage=Usage(1, 2, 3))
 
 
-async def test_stream_without_usage_still_finishes(client_cls: ClientClass) -> None:
-    deltas = await run(
-        provider_for(client_cls, Upstream(sse_response(Body([*RECORDED[:4], RECORDED[5]]))))
-    )
+async def test_stream_without_usage_still_finishes() -> None:
+    deltas = await run(provider_for(Upstream(sse_response(Body([*RECORDED[:4], RECORDED[5]])))))
     assert deltas[-1] == Delta(finish_reason="stop", usage=None)
 
 
-async def test_stream_ending_cleanly_without_finish_reason_finishes(
-    client_cls: ClientClass,
-) -> None:
+async def test_stream_ending_cleanly_without_finish_reason_finishes() -> None:
     """Some OpenAI-compatible servers send no finish reason; a body that ends cleanly
     (its terminator, with or without ``[DONE]``) is a complete answer."""
     for tail in ([], [b"data: [DONE]\n\n"]):
         body = Body([*RECORDED[:2], *tail])
-        deltas = await run(provider_for(client_cls, Upstream(sse_response(body))))
+        deltas = await run(provider_for(Upstream(sse_response(body))))
         assert deltas[-1] == Delta(finish_reason="stop", usage=None)
         assert "".join(d.text for d in deltas)
 
@@ -217,7 +209,6 @@ async def test_http_status_maps_to_upstream_http_error(
     code: str,
     retryable: bool,
     wait: float | None,
-    client_cls: ClientClass,
 ) -> None:
     body = {
         "error": {
@@ -227,9 +218,11 @@ async def test_http_status_maps_to_upstream_http_error(
             "code": "invalid_api_key",
         }
     }
-    upstream = Upstream(lambda r: httpx.Response(status, headers=headers, json=body))
+    # What the answer says, not the retries (below): the upstream asks for none.
+    head = {**headers, "x-should-retry": "false"}
+    upstream = Upstream(lambda r: httpx.Response(status, headers=head, json=body))
     with pytest.raises(UpstreamHTTPError) as info:
-        await run(provider_for(client_cls, upstream))
+        await run(provider_for(upstream))
     exc = info.value
     assert (exc.code, exc.retryable, exc.status, exc.retry_after_s) == (
         code,
@@ -238,7 +231,39 @@ async def test_http_status_maps_to_upstream_http_error(
         wait,
     )
     assert "sk-abc" not in str(exc)  # the upstream's message may echo the key
-    assert len(upstream.requests) == 1  # the SDK did not retry behind our back
+    assert len(upstream.requests) == 1
+
+
+RETRIES = 2  # the lean client's MAX_RETRIES, which the SDK is given
+
+# (status, headers, requests one call makes): what the lean client retries (SPEC §7).
+RETRY_CASES: list[tuple[int, dict[str, str], int]] = [
+    (408, {}, 1 + RETRIES),
+    (409, {}, 1 + RETRIES),
+    (429, {"retry-after-ms": "1"}, 1 + RETRIES),
+    (429, {"retry-after": "0.001"}, 1 + RETRIES),
+    (500, {}, 1 + RETRIES),
+    (503, {}, 1 + RETRIES),
+    (599, {}, 1 + RETRIES),
+    (400, {}, 1),
+    (401, {}, 1),
+    (404, {}, 1),
+    (422, {}, 1),
+    (400, {"x-should-retry": "true"}, 1 + RETRIES),
+    (503, {"x-should-retry": "false"}, 1),
+]
+
+
+@pytest.mark.parametrize(("status", "headers", "attempts"), RETRY_CASES)
+async def test_sdk_retries_the_statuses_the_lean_client_retries(
+    status: int, headers: dict[str, str], attempts: int
+) -> None:
+    upstream = Upstream(lambda r: httpx.Response(status, headers=headers, json={}))
+    with pytest.raises(UpstreamHTTPError) as info:
+        await run(provider_for(upstream))
+    assert info.value.status == status
+    assert len(upstream.requests) == attempts
+    assert len({r.content for r in upstream.requests}) == 1  # the same request each time
 
 
 @pytest.mark.parametrize(
@@ -251,12 +276,13 @@ async def test_http_status_maps_to_upstream_http_error(
         (httpx.RemoteProtocolError("bad"), UpstreamConnectionError),
     ],
 )
-async def test_transport_failure_before_answer(
-    exc: Exception, cls: type[ProviderError], client_cls: ClientClass
-) -> None:
+async def test_transport_failure_before_answer(exc: Exception, cls: type[ProviderError]) -> None:
+    upstream = Upstream(raising(exc))
     with pytest.raises(cls) as info:
-        await run(provider_for(client_cls, Upstream(raising(exc))))
+        await run(provider_for(upstream))
     assert info.value.retryable
+    # Retried, timeouts too: the SDK's rule (the lean client does not retry a timeout).
+    assert len(upstream.requests) == 1 + RETRIES
 
 
 @pytest.mark.parametrize(
@@ -267,13 +293,12 @@ async def test_transport_failure_before_answer(
         (httpx.ReadTimeout("t"), UpstreamTimeout),
     ],
 )
-async def test_transport_failure_mid_stream(
-    failure: Exception, cls: type[ProviderError], client_cls: ClientClass
-) -> None:
+async def test_transport_failure_mid_stream(failure: Exception, cls: type[ProviderError]) -> None:
     body = Body([*RECORDED[:3], failure])
     got: list[Delta] = []
+    upstream = Upstream(sse_response(body))
     with pytest.raises(cls) as info:
-        provider = provider_for(client_cls, Upstream(sse_response(body)))
+        provider = provider_for(upstream)
         try:
             async for d in provider.stream(ask()):
                 got.append(d)
@@ -282,6 +307,7 @@ async def test_transport_failure_mid_stream(
     assert [d.text for d in got] == ["Hel", "lo!"]
     assert info.value.retryable
     assert body.closed
+    assert len(upstream.requests) == 1  # an answer that has begun is not retried
 
 
 @pytest.mark.parametrize(
@@ -296,25 +322,25 @@ async def test_transport_failure_mid_stream(
         chunk({"id": "x", "choices": [], "usage": {"prompt_tokens": "many"}}),
     ],
 )
-async def test_malformed_chunk_is_protocol_error(bad: bytes, client_cls: ClientClass) -> None:
+async def test_malformed_chunk_is_protocol_error(bad: bytes) -> None:
     body = Body([RECORDED[0], bad, *RECORDED[1:]])
     with pytest.raises(UpstreamProtocolError) as info:
-        await run(provider_for(client_cls, Upstream(sse_response(body))))
+        await run(provider_for(Upstream(sse_response(body))))
     assert not info.value.retryable
     assert body.closed
 
 
-async def test_error_event_in_stream_is_retryable_provider_error(client_cls: ClientClass) -> None:
+async def test_error_event_in_stream_is_retryable_provider_error() -> None:
     body = Body([RECORDED[0], chunk({"error": {"message": "overloaded", "type": "server_error"}})])
     with pytest.raises(ProviderError) as info:
-        await run(provider_for(client_cls, Upstream(sse_response(body))))
+        await run(provider_for(Upstream(sse_response(body))))
     assert info.value.retryable
     assert "overloaded" not in info.value.message
 
 
-async def test_generator_aclose_mid_stream_closes_the_response(client_cls: ClientClass) -> None:
+async def test_generator_aclose_mid_stream_closes_the_response() -> None:
     body = Body(RECORDED, gate=asyncio.Event())
-    provider = provider_for(client_cls, Upstream(sse_response(body)))
+    provider = provider_for(Upstream(sse_response(body)))
     gen = provider.stream(ask())
     assert await anext(gen) == Delta(text="Hel")
     assert not body.closed
@@ -323,12 +349,10 @@ async def test_generator_aclose_mid_stream_closes_the_response(client_cls: Clien
     await provider.aclose()
 
 
-async def test_cancelling_the_consumer_closes_the_response_and_propagates(
-    client_cls: ClientClass,
-) -> None:
+async def test_cancelling_the_consumer_closes_the_response_and_propagates() -> None:
     gate = asyncio.Event()  # never set: the body stalls after two chunks
     body = Body(RECORDED, gate=gate)
-    provider = provider_for(client_cls, Upstream(sse_response(body)))
+    provider = provider_for(Upstream(sse_response(body)))
     first = asyncio.Event()
 
     async def consume() -> None:
@@ -345,14 +369,35 @@ async def test_cancelling_the_consumer_closes_the_response_and_propagates(
     await provider.aclose()
 
 
-@pytest.mark.parametrize("client", [None, *CLIENTS])
+@pytest.mark.parametrize("client", list(CLIENTS))
 async def test_registry_loads_the_provider(client: str | None) -> None:
     provider = load("openai", client=client, base_url=BASE_URL, api_key="k", default_model="m")
     try:
-        assert type(provider) is CLIENTS[client or "sdk"]
+        assert type(provider) is CLIENTS[client]
         assert (provider.name, provider.default_model) == ("openai", "m")
     finally:
         await provider.aclose()
+
+
+@pytest.mark.parametrize("client", ["sdk", "lean"])
+async def test_configured_providers_use_the_chosen_client(client: str) -> None:
+    """``--openai-client`` picks the class; the provider stays "openai"."""
+    config = Config(provider="openai", openai_base_url=BASE_URL, openai_client=client)
+    providers = configured_providers(config, {"OPENAI_API_KEY": "sk-env"})
+    try:
+        provider = providers["openai"]
+        assert type(provider) is CLIENTS[client]
+        assert isinstance(providers["synthetic"], SyntheticProvider)
+        assert isinstance(provider, OpenAIProvider | LeanOpenAIProvider)
+        assert (provider.name, provider.default_model, provider.models) == (
+            "openai",
+            "gpt-4o-mini",
+            ("gpt-4o-mini",),
+        )
+        assert (provider.api_key, provider.timeout_s) == ("sk-env", 30.0)
+    finally:
+        for p in providers.values():
+            await p.aclose()
 
 
 def test_retry_after_forms() -> None:
@@ -378,11 +423,9 @@ def test_retry_after_forms() -> None:
         ask(max_tokens=0),
     ],
 )
-async def test_validate_refuses_before_sending(
-    request_: GenerationRequest, client_cls: ClientClass
-) -> None:
+async def test_validate_refuses_before_sending(request_: GenerationRequest) -> None:
     upstream = Upstream(sse_response(Body(RECORDED)))
-    provider = provider_for(client_cls, upstream)
+    provider = provider_for(upstream)
     with pytest.raises(BadRequest):
         provider.validate(request_)
     with pytest.raises(BadRequest):
@@ -390,10 +433,12 @@ async def test_validate_refuses_before_sending(
     assert upstream.requests == []
 
 
-async def test_models_offered(client_cls: ClientClass, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("client", ["sdk", "lean"])
+async def test_models_offered(client: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    official = client_cls(api_key="k")
-    compatible = client_cls(base_url=BASE_URL, api_key="k", default_model="llama3")
+    cls = CLIENTS[client]
+    official = cls(api_key="k")
+    compatible = cls(base_url=BASE_URL, api_key="k", default_model="llama3")
     try:
         assert official.models[0] == "gpt-4o-mini" and len(official.models) > 1
         assert compatible.models == ("llama3",)  # another server's names are unknown
