@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -20,6 +20,7 @@ from ..wire.sse import DONE, encode_event
 from ..wire.sse_decode import EventDecoder
 from .base import (
     Delta,
+    DeltaSink,
     GenerationRequest,
     ProviderError,
     RawAnswer,
@@ -39,6 +40,7 @@ from .gemini_wire import (
     validate,
 )
 from .upstream import TRANSPORT_ERRORS, Response, UpstreamClient, UpstreamTimedOut
+from .upstream_feed import UpstreamFeed
 
 DONE_EVENT = encode_event(DONE)
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/"  # the SDK's
@@ -108,6 +110,28 @@ class LeanGeminiProvider:
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         return TranslatedAnswer(response, self, model, streaming, include_usage)
 
+    def push(self, request: GenerationRequest, sink: DeltaSink) -> UpstreamFeed:
+        """The generation fed from the upstream's socket (``upstream_feed``): the same
+        deltas and errors as ``stream``, without a task per generation.
+
+        Raises:
+            BadRequest: see ``validate``.
+        """
+        self.validate(request)
+        events = GeminiEvents(None)
+        return UpstreamFeed(self, sink, events, self._call(request, events))
+
+    async def _call(
+        self, request: GenerationRequest, events: GeminiEvents | None = None
+    ) -> Response:
+        model = request.model or self.default_model
+        url = self._prefix + quote(model, safe="/") + ":streamGenerateContent?alt=sse"
+        body = json.dumps(_body(request), separators=(",", ":"), ensure_ascii=False).encode()
+        response = await self._client.request("POST", url, self._headers, body)
+        if events is not None:
+            events.headers = response.headers  # an error event's retry hint may be there
+        return response
+
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         """Text deltas in order, then one ``Delta`` with ``finish_reason`` and ``usage``.
 
@@ -116,51 +140,26 @@ class LeanGeminiProvider:
             ProviderError: a subclass telling what failed upstream.
         """
         self.validate(request)
-        model = request.model or self.default_model
-        url = self._prefix + quote(model, safe="/") + ":streamGenerateContent?alt=sse"
-        body = json.dumps(_body(request), separators=(",", ":"), ensure_ascii=False).encode()
         try:
-            response = await self._client.request("POST", url, self._headers, body)
+            response = await self._call(request)
         except TRANSPORT_ERRORS as exc:
             raise self._transport_error(exc, started=False) from exc
         except ValueError as exc:
             raise ProviderError(f"cannot reach the upstream: {exc}") from exc
         try:
             if not response.ok:
-                try:
-                    raw = await response.read()
-                except TRANSPORT_ERRORS as exc:
-                    raise self._transport_error(exc, started=True) from exc
-                said = raw[:500].decode("utf-8", "replace")  # for the server log only
-                raise _status_error(response.status, response.headers, raw) from ProviderError(
-                    f"HTTP {response.status}: {said}"
-                )
-            decoder = EventDecoder()
-            started = False  # a chunk has been read (the SDK's "started")
-            finish_reason: str | None = None
-            usage: Usage | None = None
+                raise await self.refusal(response)
+            events = GeminiEvents(response.headers)
             try:
                 async for data in response:
-                    for _event, payload in decoder.feed(data):
-                        chunk = json.loads(payload)
-                        if isinstance(chunk, dict) and "error" in chunk:
-                            raise _event_error(chunk, response.headers) from ProviderError(
-                                f"error event: {payload[:500]}"
-                            )
-                        text, reason, chunk_usage = _read_chunk(chunk)
-                        started = True
-                        finish_reason = reason or finish_reason
-                        usage = chunk_usage or usage
-                        if text:
-                            yield Delta(text=text)
-                decoder.close()
+                    for text in events.feed(data):
+                        yield Delta(text=text)
+                events.close()
             except TRANSPORT_ERRORS as exc:
-                raise self._transport_error(exc, started=started) from exc
+                raise self._transport_error(exc, started=events.started) from exc
             except ValueError as exc:  # JSON, UTF-8
-                raise UpstreamProtocolError("upstream sent a malformed chunk") from exc
-            if finish_reason is None:
-                raise UpstreamConnectionError("upstream ended the stream before finishing")
-            yield Delta(finish_reason=finish_reason, usage=usage)
+                raise self.malformed() from exc
+            yield events.last()
         finally:
             response.close()  # closes the connection unless the body was read to its end
 
@@ -169,6 +168,70 @@ class LeanGeminiProvider:
             return UpstreamTimeout(f"no data from upstream for {self.timeout_s:g} s")
         what = "dropped mid-stream" if started else "failed"
         return UpstreamConnectionError(f"upstream connection {what}")
+
+    # -- upstream_feed.Answering -----------------------------------------------------------
+
+    transport_error = _transport_error
+
+    def malformed(self) -> ProviderError:
+        return UpstreamProtocolError("upstream sent a malformed chunk")
+
+    async def refusal(self, response: Response) -> ProviderError:
+        """The SDK's reading of an error answer (or of the connection failing under it)."""
+        try:
+            raw = await response.read()
+        except TRANSPORT_ERRORS as exc:
+            return self._transport_error(exc, started=True)
+        error = _status_error(response.status, response.headers, raw)
+        said = raw[:500].decode("utf-8", "replace")  # for the server log only
+        error.__cause__ = ProviderError(f"HTTP {response.status}: {said}")
+        return error
+
+
+class GeminiEvents:
+    """The events of one streamed ``streamGenerateContent`` answer, read as the SDK reads
+    them: each chunk's text (thoughts left out), its finish reason and usage, an
+    ``{"error": ...}`` event raised. An answer that ends without a finish reason was cut."""
+
+    __slots__ = ("_decoder", "finish_reason", "headers", "started", "usage")
+
+    done = False  # the answer ends with the body, not with a marker
+
+    def __init__(self, headers: Mapping[str, str] | None) -> None:
+        self._decoder = EventDecoder()
+        self.headers: Mapping[str, str] = headers or {}
+        self.started = False  # a chunk has been read (the SDK's "started")
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+
+    def feed(self, data: bytes) -> Iterator[str]:
+        """The texts ``data`` completes.
+
+        Raises:
+            ProviderError: an error event; ValueError: JSON, UTF-8 or a chunk's shape.
+        """
+        for _event, payload in self._decoder.feed(data):
+            chunk = json.loads(payload)
+            if isinstance(chunk, dict) and "error" in chunk:
+                raise _event_error(chunk, self.headers) from ProviderError(
+                    f"error event: {payload[:500]}"
+                )
+            text, reason, usage = _read_chunk(chunk)
+            self.started = True
+            self.finish_reason = reason or self.finish_reason
+            self.usage = usage or self.usage
+            if text:
+                yield text
+
+    def close(self) -> None:
+        """The body ended. Raises UpstreamConnectionError when the answer had not
+        finished, ValueError when its last line is not UTF-8."""
+        self._decoder.close()
+        if self.finish_reason is None:
+            raise UpstreamConnectionError("upstream ended the stream before finishing")
+
+    def last(self) -> Delta:
+        return Delta(finish_reason=self.finish_reason, usage=self.usage)
 
 
 def _body(request: GenerationRequest) -> dict[str, Any]:

@@ -11,11 +11,12 @@ honoured, at most 2 retries); once an answer has begun, nothing is retried.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping
 from typing import Any
 
 from .base import (
     Delta,
+    DeltaSink,
     GenerationRequest,
     ProviderError,
     RawAnswer,
@@ -24,6 +25,7 @@ from .base import (
 )
 from .openai_wire import ChatEvents, OpenAIBase, error_detail, not_json
 from .upstream import TRANSPORT_ERRORS, Response, UpstreamClient, UpstreamTimedOut
+from .upstream_feed import UpstreamFeed
 
 
 class LeanOpenAIProvider(OpenAIBase):
@@ -53,6 +55,20 @@ class LeanOpenAIProvider(OpenAIBase):
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    def push(self, request: GenerationRequest, sink: DeltaSink) -> UpstreamFeed:
+        """The generation fed from the upstream's socket (``upstream_feed``): the same
+        deltas and errors as ``stream``, without a task per generation.
+
+        Raises:
+            BadRequest: see ``validate``.
+        """
+        self.validate(request)
+        return UpstreamFeed(self, sink, ChatEvents(), self._call(request))
+
+    def _call(self, request: GenerationRequest) -> Coroutine[Any, Any, Response]:
+        body = json.dumps(self._arguments(request), separators=(",", ":"), ensure_ascii=False)
+        return self._client.request("POST", self.chat_url, self._headers, body.encode())
+
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Delta, None]:
         """Text deltas in order, then one ``Delta`` with ``finish_reason`` and ``usage``.
 
@@ -61,26 +77,15 @@ class LeanOpenAIProvider(OpenAIBase):
             ProviderError: a subclass telling what failed upstream.
         """
         self.validate(request)
-        body = json.dumps(self._arguments(request), separators=(",", ":"), ensure_ascii=False)
         try:
-            response = await self._client.request(
-                "POST", self.chat_url, self._headers, body.encode()
-            )
+            response = await self._call(request)
         except TRANSPORT_ERRORS as exc:
             raise self._lean_error(exc, started=False) from exc
         except ValueError as exc:  # a base URL or proxy URL the client cannot use
             raise ProviderError(f"cannot reach the upstream: {exc}") from exc
         try:
             if not response.ok:
-                try:
-                    text = (await response.read()).decode("utf-8", "replace")
-                except TRANSPORT_ERRORS as exc:
-                    raise self._lean_error(exc, started=True) from exc
-                code, message = error_detail(text)
-                said = f"Error code: {response.status}" + (f" - {message}" if message else "")
-                raise status_error(
-                    response.status, retry_after(response.headers), code
-                ) from ProviderError(said)
+                raise await self.refusal(response)
             events = ChatEvents()
             try:
                 async for data in response:
@@ -106,6 +111,26 @@ class LeanOpenAIProvider(OpenAIBase):
         return self._connection_error(
             timed_out=isinstance(exc, UpstreamTimedOut | TimeoutError), started=started
         )
+
+    # -- upstream_feed.Answering -----------------------------------------------------------
+
+    transport_error = _lean_error
+
+    def malformed(self) -> ProviderError:
+        return not_json()
+
+    async def refusal(self, response: Response) -> ProviderError:
+        """The SDK's reading of an error answer; a connection that fails while its body
+        is read is a failed request, as the SDK tells it."""
+        try:
+            text = (await response.read()).decode("utf-8", "replace")
+        except TRANSPORT_ERRORS as exc:
+            return self._lean_error(exc, started=False)
+        code, message = error_detail(text)
+        said = f"Error code: {response.status}" + (f" - {message}" if message else "")
+        error = status_error(response.status, retry_after(response.headers), code)
+        error.__cause__ = ProviderError(said)  # for the server log, as the SDK words it
+        return error
 
 
 class LeanAnswer:

@@ -18,7 +18,7 @@ import random
 import ssl
 import time
 import zlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 from .connection import Connection, TunnelHandshake, UpstreamClosed, UpstreamTimedOut
@@ -74,13 +74,36 @@ class _Idle:
     since: float
 
 
+PieceCallback = Callable[[bytes], None]
+EndCallback = Callable[[BaseException | None], None]
+
+
+def _ignore_piece(piece: bytes) -> None:
+    pass
+
+
+def _ignore_end(error: BaseException | None) -> None:
+    pass
+
+
 class Response:
     """An answer whose head has arrived; its body is read with ``async for`` (pieces as
-    they arrived, decompressed if the upstream compressed them) or ``read()``. ``close``
-    hands a fully read keep-alive connection back to the pool and closes any other: a
-    call cancelled mid-body never leaves its socket open."""
+    they arrived, decompressed if the upstream compressed them) or ``read()``, or pushed
+    with ``pipe``. ``close`` hands a fully read keep-alive connection back to the pool and
+    closes any other: a call cancelled mid-body never leaves its socket open."""
 
-    __slots__ = ("_client", "_conn", "_decoder", "_route", "headers", "reason", "status")
+    __slots__ = (
+        "_client",
+        "_conn",
+        "_decoder",
+        "_drain_timer",
+        "_on_end",
+        "_on_piece",
+        "_route",
+        "headers",
+        "reason",
+        "status",
+    )
 
     def __init__(self, client: UpstreamClient, route: Route, conn: Connection, head: Head) -> None:
         self._client = client
@@ -95,6 +118,9 @@ class Response:
             if coding in ("gzip", "x-gzip", "deflate")
             else None
         )
+        self._on_piece: PieceCallback = _ignore_piece
+        self._on_end: EndCallback = _ignore_end
+        self._drain_timer: asyncio.TimerHandle | None = None
 
     @property
     def ok(self) -> bool:
@@ -131,8 +157,73 @@ class Response:
         """Done with the answer: its connection is pooled if the body was read to its
         end, else closed at once (a cancelled call leaves no socket open)."""
         conn, self._conn = self._conn, None
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
         if conn is not None:
+            conn.detach()
             self._client._release(self._route, conn)
+
+    def abort(self) -> None:
+        """Done with an answer its reader refused: its connection is closed, never
+        pooled, however much of the body had arrived."""
+        conn = self._conn
+        if conn is not None:
+            conn.abort()
+        self.close()
+
+    # -- pushed ----------------------------------------------------------------------------
+
+    def pipe(self, on_piece: PieceCallback, on_end: EndCallback) -> None:
+        """Push the body: ``on_piece`` from the socket's reads as pieces arrive
+        (decompressed), then ``on_end(None)`` — the connection pooled first — or
+        ``on_end(error)`` (one of TRANSPORT_ERRORS) with it closed. ``close`` stops both."""
+        conn = self._conn
+        if conn is None:
+            on_end(UpstreamClosed("the answer was closed"))
+            return
+        self._on_piece, self._on_end = on_piece, on_end
+        conn.deliver_to(self)
+
+    def pause(self) -> None:
+        """Stop reading while the consumer is behind (the upstream slows down)."""
+        if self._conn is not None:
+            self._conn.hold()
+
+    def resume(self) -> None:
+        if self._conn is not None:
+            self._conn.unhold()
+
+    def finish_soon(self) -> None:
+        """The consumer has all it needs (``[DONE]``): push nothing more, and pool the
+        connection once the rest of the body (the chunked terminator) is read — within
+        DRAIN_S, as ``finish`` — or close it."""
+        self._on_piece, self._on_end = _ignore_piece, _ignore_end
+        conn = self._conn
+        if conn is None or conn.ended:
+            self.close()
+            return
+        conn.unhold()
+        self._drain_timer = conn.loop.call_later(DRAIN_S, self.close)
+
+    def body_piece(self, piece: bytes) -> None:
+        decoder = self._decoder
+        if decoder is not None:
+            try:
+                piece = decoder.decompress(piece)
+            except zlib.error:
+                self.close()
+                self._on_end(ResponseError("upstream sent a body that does not decompress"))
+                return
+            if not piece:
+                return
+        self._on_piece(piece)
+
+    def body_end(self, error: BaseException | None) -> None:
+        on_end = self._on_end
+        self._on_piece, self._on_end = _ignore_piece, _ignore_end
+        self.close()
+        on_end(error)
 
     async def finish(self) -> None:
         """Done with an answer the caller knows is complete (``[DONE]`` read): what is
@@ -316,7 +407,7 @@ class UpstreamClient:
         loop = asyncio.get_running_loop()
         now = loop.time()
         horizon = now - self.timeout_s
-        for conn in [c for c in self._busy if c.last_io < horizon]:
+        for conn in [c for c in self._busy if c.last_io < horizon and not c.held]:
             self._busy.discard(conn)
             conn.time_out(f"no data from upstream for {self.timeout_s:g} s")
         self._watchdog = loop.call_later(interval, self._watch, interval)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from typing import Protocol
 
 from .parse import MAX_HEAD_BYTES, BodyReader, Head, ResponseError, parse_head
 
@@ -25,10 +26,21 @@ class UpstreamTimedOut(TimeoutError):
     """No byte from the upstream within the timeout (connect, first byte, or between)."""
 
 
+class BodyConsumer(Protocol):
+    """Takes a body pushed from the socket's reads (``Connection.deliver_to``)."""
+
+    def body_piece(self, piece: bytes) -> None: ...
+
+    def body_end(self, error: BaseException | None) -> None:
+        """The body is complete (None) or was cut short; called once."""
+        ...
+
+
 class Connection(asyncio.Protocol):
-    """An exchange at a time: ``send`` a request, await ``head()``, then ``piece()`` until
-    None. Reusable (``reusable``) once a body was read to its end on a keep-alive
-    connection with nothing past it."""
+    """An exchange at a time: ``send`` a request, await ``head()``, then either pull the
+    body (``piece()`` until None) or have it pushed (``deliver_to``). Reusable
+    (``reusable``) once a body was read to its end on a keep-alive connection with
+    nothing past it."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -47,6 +59,8 @@ class Connection(asyncio.Protocol):
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._extra = False  # bytes arrived past the body's end
+        self._consumer: BodyConsumer | None = None  # the body is pushed to it
+        self.held = False  # its reader paused it: silence is ours, not the upstream's
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -74,6 +88,9 @@ class Connection(asyncio.Protocol):
         if body is not None and body.until_close and not self._ended:
             self._ended = True  # the close is the end of such a body
             self._wake()
+            consumer, self._consumer = self._consumer, None
+            if consumer is not None:
+                consumer.body_end(None)
             return
         if not self._ended:
             self._fail(UpstreamClosed("upstream closed the connection"))
@@ -128,6 +145,51 @@ class Connection(asyncio.Protocol):
                 raise self._error
             await self._wait()
 
+    def deliver_to(self, consumer: BodyConsumer) -> None:
+        """From now on, push the body to ``consumer`` from ``data_received`` (what was
+        already read first): no task wakes per piece."""
+        self._consumer = consumer
+        pieces = list(self._pieces)
+        self._pieces.clear()
+        self._buffered = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            if not self.held:
+                self.transport.resume_reading()
+        for piece in pieces:
+            consumer.body_piece(piece)
+            if self._consumer is not consumer:
+                return
+        if self._ended:
+            self.busy = False
+            self._consumer = None
+            consumer.body_end(None)
+        elif self._error is not None:
+            self._consumer = None
+            consumer.body_end(self._error)
+
+    def detach(self) -> None:
+        """Push nothing more (the consumer is done with the body)."""
+        self._consumer = None
+
+    def hold(self) -> None:
+        """Stop reading the socket: the upstream is throttled by TCP's flow control."""
+        self.held = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def unhold(self) -> None:
+        if self.held:
+            self.held = False
+            self.last_io = self.loop.time()  # the idle timeout counts from now
+            if self.transport is not None and not self._paused:
+                self.transport.resume_reading()
+
+    @property
+    def ended(self) -> bool:
+        """The body has been read to its end."""
+        return self._ended
+
     @property
     def reusable(self) -> bool:
         head = self._head
@@ -150,6 +212,7 @@ class Connection(asyncio.Protocol):
     def abort(self) -> None:
         """Close the socket now (no FIN handshake wait): what cancelling a call does."""
         self.busy = False
+        self._consumer = None
         transport = self.transport
         if transport is not None:
             transport.abort()
@@ -173,6 +236,9 @@ class Connection(asyncio.Protocol):
         if self._error is None and not self._ended:
             self._error = exc
         self._wake()
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None and not self._ended:
+            consumer.body_end(exc)
 
     def _read_head(self, data: bytes) -> None:
         buf = self._head_buf
@@ -204,6 +270,20 @@ class Connection(asyncio.Protocol):
             self._extra = True
             return
         pieces, extra = body.feed(data)
+        consumer = self._consumer
+        if consumer is not None:
+            if body.done:
+                self._ended = True
+                self._extra = bool(extra)
+                self.busy = False
+            for piece in pieces:
+                consumer.body_piece(piece)
+                if self._consumer is not consumer:
+                    return  # let go mid-read (cancelled, or done with the answer)
+            if body.done:
+                self._consumer = None
+                consumer.body_end(None)
+            return
         if pieces:
             self._pieces.extend(pieces)
             self._buffered += sum(map(len, pieces))
