@@ -61,6 +61,36 @@ def http_get(
         return 0, data
 
 
+def http_post(
+    port: int,
+    target: str,
+    body: bytes,
+    timeout: float = 5.0,
+    accept: str = "*/*",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
+    """A blocking HTTP/1.1 POST of a JSON body that reads until the server closes
+    (Connection: close); the status and everything read, head included."""
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(
+            f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {accept}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}"
+            "Connection: close\r\n\r\n".encode()
+            + body
+        )
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    try:
+        return int(data[9:12]), data
+    except ValueError:
+        return 0, data
+
+
 def peek_stream(port: int, target: str, timeout: float = 5.0) -> int:
     """Open a stream that does not end by itself (a subscription), read its response head,
     close it; the status (0: no head within ``timeout``)."""

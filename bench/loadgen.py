@@ -9,6 +9,8 @@ scenario live in ``bench.load``.
     python -m bench.loadgen idle   ... --idle-kind subscriptions   # subscriptions to one topic
     python -m bench.loadgen tokens --port 8000 --server-pid PID --streams 1000 --tokens 150
     python -m bench.loadgen tokens ... --target "/v1/stream?provider=openai&q=..." --upstream-pid UP
+    python -m bench.loadgen tokens ... --target /v1/chat/completions --body '{"stream":true,...}' \
+        --marker '"content":"tok' --start-marker 'data: ' --ramp-s 2
     python -m bench.loadgen fanout --port 8000 --server-pid PID --subscribers 1000
     python -m bench.loadgen ttft   --port 8000 --server-pid PID --requests 300
 """
@@ -69,11 +71,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-s", type=float, default=1.0)
     p.add_argument("--duration-s", type=float, default=4.0)
     p.add_argument("--drain-s", type=float, default=10.0)
-    # ttft
+    # ttft (and tokens: --target, --body, --marker, --start-marker)
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--target", default="", help="request target (default: a synthetic stream)")
     p.add_argument("--body", default="", help="POST this JSON body instead of a GET")
-    p.add_argument("--marker", default='{"text"', help="bytes that show the first token")
+    p.add_argument(
+        "--marker",
+        default='{"text"',
+        help="bytes that show a text event (ttft: the first token; tokens: each token)",
+    )
+    p.add_argument(
+        "--start-marker",
+        default="event: start",
+        help="tokens: bytes that show a stream's first event (its first-event time)",
+    )
     # cancel, proxy
     p.add_argument("--upstream-port", type=int, default=0, help="fake OpenAI upstream")
     p.add_argument(

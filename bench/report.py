@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import LOADGEN_CORE, RESULTS, SERVER_CORE
+from bench.scenarios.proxy import PEER_ROW, ROWS
 from bench.servers import ALL_SERVERS, SERVERS
 from bench.session import NOISE_LIMIT, RETRIES, noise
 from bench.settings import (
@@ -22,6 +23,15 @@ from bench.settings import (
     Settings,
 )
 
+# Issue 12's targets for the relay (the relay table's header says them).
+RELAY_TARGETS = {
+    "streams": 500,  # concurrent proxied 50 chunk/s streams per process, at least
+    "us_per_chunk": 30.0,  # server CPU per relayed chunk, at most
+    "added_fresh_p50_ms": 0.3,  # TTFT added over the upstream's own, fresh connection
+    "added_fresh_p99_ms": 0.5,
+    "gemini_vs_openai": 1.5,  # Gemini's figures within this factor of OpenAI's
+}
+
 
 def _get(d: dict[str, Any], path: str) -> Any:
     for key in path.split("."):
@@ -31,10 +41,8 @@ def _get(d: dict[str, Any], path: str) -> Any:
     return d
 
 
-# (scenario, label, metric path, better: "low"/"high"/"", format); "proxy@50/s": only
-# the proxy variants starting with "50/s"
-PROXY_TTFT = "proxy@openai ttft"
-PROXY_STREAMS = "proxy@50/s"
+# (scenario, label, metric path, better: "low"/"high"/"", format). The proxy scenario has
+# a table of its own (relay_table): one row per relay path, its ratios to the aiohttp relay.
 METRICS: list[tuple[str, str, str, str, str]] = [
     ("idle", "streams held", "held", "high", "{:,.0f}"),
     ("idle", "RSS per open stream, KB", "rss_per_stream_kb", "low", "{:.2f}"),
@@ -58,18 +66,6 @@ METRICS: list[tuple[str, str, str, str, str]] = [
     ("ttft", "fresh connection p99, ms", "fresh_ms.p99", "low", "{:.3f}"),
     ("ttft", "keep-alive p50, ms", "keepalive_ms.p50", "low", "{:.3f}"),
     ("ttft", "keep-alive p99, ms", "keepalive_ms.p99", "low", "{:.3f}"),
-    (PROXY_TTFT, "TTFT via server, keep-alive p50, ms", "via.keepalive_ms.p50", "low", "{:.3f}"),
-    (PROXY_TTFT, "upstream alone, keep-alive p50, ms", "direct.keepalive_ms.p50", "", "{:.3f}"),
-    (PROXY_TTFT, "added TTFT keep-alive p50, ms", "added_keepalive_p50_ms", "low", "{:.3f}"),
-    (PROXY_TTFT, "added TTFT keep-alive p99, ms", "added_keepalive_p99_ms", "low", "{:.3f}"),
-    (PROXY_TTFT, "added TTFT fresh connection p50, ms", "added_fresh_p50_ms", "low", "{:.3f}"),
-    (PROXY_STREAMS, "max streams held (rule below)", "max_streams_held", "high", "{:,}"),
-    (PROXY_STREAMS, "events delivered per s there", "events_per_s_at_held", "high", "{:,.0f}"),
-    (PROXY_STREAMS, "p99 lateness at that count, ms", "p99_ms_at_held", "", "{:.1f}"),
-    (PROXY_STREAMS, "first failing count", "failed_at", "", "{:,}"),
-    (PROXY_STREAMS, "server CPU µs per chunk there", "server_cpu_us_per_chunk", "low", "{:.1f}"),
-    (PROXY_STREAMS, "server CPU there (core 0)", "server_util_at_held", "", "{:.0%}"),
-    (PROXY_STREAMS, "upstream CPU there (core 1)", "upstream_util_at_held", "", "{:.0%}"),
     ("cancel", "disconnect → upstream closed p50, ms", "cancel_ms.p50", "low", "{:.1f}"),
     ("cancel", "disconnect → upstream closed p99, ms", "cancel_ms.p99", "low", "{:.1f}"),
     ("cancel", "over 100 ms / not closed in 2 s", "over_100ms", "", "{:,}"),
@@ -146,6 +142,15 @@ def _util_text(cpu: dict[str, Any]) -> str:
 
 
 def write_report(records: list[dict[str, Any]], settings: Settings) -> Path:
+    # Proxy records of relay paths that no longer exist (no "row": the `fast` client, the
+    # rows before issue 12's table) are left out.
+    records = [
+        r
+        for r in records
+        if r["scenario"] != "proxy" or r["variant"] == "-" or "row" in (r["metrics"] or {})
+    ]
+    relay = [r for r in records if r["scenario"] == "proxy"]
+    records = [r for r in records if r["scenario"] != "proxy"]
     servers = [s for s in ALL_SERVERS if any(r["server"] == s for r in records)]
     by_key = {(r["scenario"], r["variant"], r["server"]): r for r in records}
     groups: list[tuple[str, str]] = []
@@ -172,7 +177,8 @@ def write_report(records: list[dict[str, Any]], settings: Settings) -> Path:
         "sseserver-redis runs fan-out only).",
         "",
         "A count of token streams (tokens, proxy) is held only as a user sees it: the "
-        "streams' requests spread over 1 s, every stream answered and every token delivered "
+        "streams' requests spread over 1 s (proxy: 2 s), every stream answered and every "
+        "token delivered "
         "by 0.5 s after the schedule's end (no slack), each stream's first event within "
         f"{FIRST_EVENT_BOUND_MS:.0f} ms of its request at p99, at least "
         f"{DELIVERED_SHARE:.0%} of the events offered in the steady window (every request "
@@ -222,8 +228,9 @@ def write_report(records: list[dict[str, Any]], settings: Settings) -> Path:
             lines.append(
                 f"| {row_name(scenario, variant)} | {label}{arrow} | " + " | ".join(cells) + " |"
             )
-    skipped = [r for r in records if r.get("skipped")]
-    errors = [r for r in records if r.get("error")]
+    lines += relay_table(relay)
+    skipped = [r for r in records + relay if r.get("skipped")]
+    errors = [r for r in records + relay if r.get("error")]
     if skipped or errors:
         lines += ["", "Not measured:", ""]
         for r in skipped:
@@ -268,25 +275,170 @@ def write_report(records: list[dict[str, Any]], settings: Settings) -> Path:
         ]
         for r in sorted(tok, key=lambda r: servers.index(r["server"])):
             lines.append(f"- {r['server']}: " + "; ".join(_step_texts(r)))
-    ramps = [r for r in records if r["scenario"] == "proxy" and r["ok"] and "steps" in r["metrics"]]
+    ramps = [r for r in relay if r["ok"] and "steps" in r["metrics"]]
     if ramps:
         lines += [
             "",
-            "Streams through the OpenAI provider (`/v1/stream?provider=openai`) against "
-            "`bench/peers/openai_upstream.js` (Node), which runs on core 1 next to the load "
-            "generator; each step: streams: steady-state p99 lateness in ms (server / "
-            "generator / upstream CPU over the steady window, server CPU µs per chunk):",
+            "Relayed streams against the Node upstreams (`bench/peers/openai_upstream.js`, "
+            "`gemini_upstream.js`), which run on core 1 next to the load generator; each "
+            "step: streams: steady-state p99 lateness in ms (server / generator / upstream "
+            "CPU over the steady window, server CPU µs per chunk):",
             "",
         ]
-        for r in sorted(ramps, key=lambda r: _variant_order(r["variant"])):
-            lines.append(f"- {r['server']} {r['variant']}: " + "; ".join(_step_texts(r)))
-    lines += ["", "Versions: " + "; ".join(f"{s}: {SERVERS[s].version()}" for s in servers), ""]
+        for r in sorted(ramps, key=_relay_order):
+            lines.append(f"- {_relay_label(r)}: " + "; ".join(_step_texts(r)))
+    shown = servers + [
+        s for s in ALL_SERVERS if s not in servers and any(r["server"] == s for r in relay)
+    ]
+    lines += ["", "Versions: " + "; ".join(f"{s}: {SERVERS[s].version()}" for s in shown), ""]
     charts = [p.name for p in sorted(RESULTS.glob("*.png"))]
     if charts:
         lines += ["Charts: " + ", ".join(f"[{c}]({c})" for c in charts), ""]
     report = RESULTS / "RESULTS.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def _relay_order(r: dict[str, Any]) -> tuple[int, int]:
+    """Rows in the order of ``ROWS``: sseserver's, then the peer's."""
+    names = [(server, row.name) for server, rows in ROWS.items() for row in rows]
+    key = (r["server"], r["metrics"].get("row"))
+    return (names.index(key) if key in names else len(names), 0 if "ttft" in r["variant"] else 1)
+
+
+def _relay_label(r: dict[str, Any]) -> str:
+    m = r["metrics"]
+    if r["server"] != "sseserver":
+        return f"{r['server']} ({m.get('route')}, {m.get('provider')})"
+    return f"sseserver {m.get('route')} {m.get('provider')} {m.get('client')}"
+
+
+def _ratio(value: Any, base: Any) -> str:
+    if not isinstance(value, int | float) or not isinstance(base, int | float) or not base:
+        return "—"
+    return f"x{value / base:.2f}"
+
+
+def _num(value: Any, fmt: str) -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+def relay_table(relay: list[dict[str, Any]]) -> list[str]:
+    """Issue 12's relay figures, one row per relay path (route, provider, client; the
+    aiohttp relay peer last), each with its ratios to the peer's row: streams held, server
+    CPU µs per chunk, the TTFT added on a fresh connection (p50/p99)."""
+    rows: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for r in sorted(relay, key=_relay_order):
+        row = (r["metrics"] or {}).get("row")
+        if row:
+            part = "ttft" if r["variant"].startswith("ttft") else "streams"
+            rows.setdefault((r["server"], row), {})[part] = r
+    if not rows:
+        return []
+    t = RELAY_TARGETS
+    out = [
+        "",
+        "## Relay (issue 12): proxied streams, server CPU per chunk, TTFT added",
+        "",
+        f"Targets: ≥ {t['streams']} concurrent 50 chunk/s streams per process, ≤ "
+        f"{t['us_per_chunk']:.0f} µs server CPU per relayed chunk, TTFT added over the "
+        f"upstream's own on a fresh connection p50 ≤ {t['added_fresh_p50_ms']} ms and p99 ≤ "
+        f"{t['added_fresh_p99_ms']} ms; Gemini within x{t['gemini_vs_openai']} of OpenAI. "
+        "Streams: 200 chunks at 50/s from a fake upstream "
+        "(`bench/peers/{openai,gemini}_upstream.js`, Node, on core 1 next to the load "
+        "generator), requests spread over 2 s so that every stream is open upstream at once, "
+        "held by the rule above; µs per chunk: server CPU over the steady window / chunks "
+        "delivered in it, at the count held (else at the smallest count tried, in "
+        "parentheses). TTFT added: TTFT through the server minus the upstream's own (the "
+        "tests' Python fakes, measured directly), on a fresh connection to the server each "
+        "time (keep-alive in parentheses). `/v1/chat/completions` answers are the upstream's "
+        "`chat.completion.chunk` events relayed as they came; `/v1/stream` answers are "
+        "sseserver's own events. Client: sseserver's `--openai-client` / `--gemini-client` "
+        "(`lean`: its own upstream client, the default; `sdk`: the official SDK). The peer, "
+        "`aiohttp-relay` (bench/peers/aiohttp_relay.py: an aiohttp server and one shared "
+        "aiohttp `ClientSession`, the upstream's bytes passed through unparsed), runs the load "
+        "of the `/v1/chat/completions` rows; `vs peer` is each row's figure over the peer's "
+        "(streams: higher is better; µs and TTFT: lower is better).",
+        "",
+        "| route | provider | client / peer | streams held ↑ | first failing | p99 lateness "
+        "there, ms | µs CPU per chunk ↓ | added TTFT fresh p50 / p99, ms ↓ (keep-alive) | "
+        "server / generator + upstream CPU | vs peer: streams / µs per chunk / TTFT p50 / "
+        "TTFT p99 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    peer = _parts(rows.get(PEER_ROW, {}))
+    for key, recs in rows.items():
+        first = next(iter(recs.values()))["metrics"]
+        m = _parts(recs)
+        who = first.get("client") if key[0] == "sseserver" else f"{key[0]} (peer)"
+        streams = _part_text(recs.get("streams"), m, "max_streams_held", "{:,}")
+        us = _part_text(recs.get("streams"), m, "server_cpu_us_per_chunk", "{:.1f}")
+        if m.get("server_cpu_us_per_chunk") is not None and not m.get("max_streams_held"):
+            us += f" (at {m.get('server_cpu_us_per_chunk_at')})"
+        ttft = _part_text(recs.get("ttft"), m, "added_fresh_p50_ms", "{:.3f}")
+        if m.get("added_fresh_p50_ms") is not None:
+            ttft += (
+                f" / {_num(m.get('added_fresh_p99_ms'), '{:.3f}')}"
+                f" ({_num(m.get('added_keepalive_p50_ms'), '{:.3f}')} /"
+                f" {_num(m.get('added_keepalive_p99_ms'), '{:.3f}')})"
+            )
+        cpu = _util_text(m["cpu"]) if m.get("cpu") else "—"
+        vs = "—" if key == PEER_ROW else " / ".join(_ratios(m, peer))
+        out.append(
+            f"| {first.get('route')} | {first.get('provider')} | {who} | {streams} | "
+            f"{_num(m.get('failed_at'), '{:,}')} | {_num(m.get('p99_ms_at_held'), '{:.1f}')} | "
+            f"{us} | {ttft} | {cpu} | {vs} |"
+        )
+    gemini = []
+    for (server, name), recs in rows.items():
+        twin = rows.get((server, name.replace("-gemini-", "-openai-")))
+        if server != "sseserver" or "-gemini-" not in name or twin is None:
+            continue
+        streams, us, p50, _ = _ratios(_parts(recs), _parts(twin))
+        gemini.append(
+            f"- {name} over {name.replace('-gemini-', '-openai-')}: streams held {streams}, "
+            f"µs per chunk {us}, added TTFT fresh p50 {p50}"
+        )
+    if gemini:
+        out += ["", f"Gemini over OpenAI (target: within x{t['gemini_vs_openai']}):", "", *gemini]
+    return out
+
+
+RATIO_KEYS = (
+    "max_streams_held",
+    "server_cpu_us_per_chunk",
+    "added_fresh_p50_ms",
+    "added_fresh_p99_ms",
+)
+
+
+def _parts(recs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The metrics of a relay row's parts (streams, ttft) that measured, in one dict;
+    ``cpu`` is the streams part's (at the count held)."""
+    out: dict[str, Any] = {}
+    for part in ("ttft", "streams"):
+        m = _ok_metrics(recs.get(part))
+        if m:
+            out.update({k: v for k, v in m.items() if part == "streams" or k != "cpu"})
+    return out
+
+
+def _ratios(m: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    """``m``'s figures over ``base``'s (RATIO_KEYS)."""
+    return [_ratio(m.get(k), base.get(k)) for k in RATIO_KEYS]
+
+
+def _ok_metrics(rec: dict[str, Any] | None) -> dict[str, Any] | None:
+    return rec["metrics"] if rec and rec["ok"] else None
+
+
+def _part_text(rec: dict[str, Any] | None, m: dict[str, Any], key: str, fmt: str) -> str:
+    """A relay table cell: the value, or why there is none (error, skipped, not run)."""
+    if rec is None:
+        return "—"
+    if not rec["ok"]:
+        return "error" if rec.get("error") else "skipped"
+    return _num(m.get(key), fmt)
 
 
 def _step_texts(r: dict[str, Any]) -> list[str]:
@@ -317,7 +469,7 @@ def write_charts(records: list[dict[str, Any]]) -> list[Path]:
         return []
     written: list[Path] = []
     servers = [s for s in ALL_SERVERS if any(r["server"] == s for r in records)]
-    colors = dict(zip(ALL_SERVERS, ["C3", "C5", "C0", "C2", "C1", "C4"], strict=True))
+    colors = dict(zip(ALL_SERVERS, ["C3", "C5", "C0", "C2", "C1", "C6", "C4"], strict=True))
 
     idle = [r for r in records if r["scenario"] in ROW_KINDS and r["ok"]]
     if idle:
@@ -418,7 +570,7 @@ def write_charts(records: list[dict[str, Any]]) -> list[Path]:
 
 def _variant_order(variant: str) -> tuple[float, list[tuple[int, int | str]]]:
     """'1k x4pub' -> (1000, [(1, 'x4pub')]): sizes in numeric order, then the words, the
-    OpenAI clients in OPENAI_CLIENTS order ('50/s sdk' before '50/s fast')."""
+    OpenAI clients in OPENAI_CLIENTS order ('50/s sdk' before '50/s lean')."""
     head, _, rest = variant.partition(" ")
     try:
         size = float(head.rstrip("k")) * (1000 if head.endswith("k") else 1)
@@ -443,7 +595,10 @@ def _save(fig: Any, name: str) -> Path:
 def closing_note(records: list[dict[str, Any]]) -> str:
     """The sseserver figures the core issue's closing note needs (and its Redis hub's)."""
     out = []
-    for r in records:
+    # proxy rows last, in the order of the Relay table
+    for r in sorted(
+        records, key=lambda r: _relay_order(r) if r["scenario"] == "proxy" else (-1, 0)
+    ):
         if r["server"] not in ("sseserver", "sseserver-redis") or not r["ok"]:
             continue
         m = r["metrics"]
@@ -469,12 +624,18 @@ def closing_note(records: list[dict[str, Any]]) -> str:
                 f"held with p99 lateness {m['p99_ms_at_held']} ms (≤ {m['bound']:.0f} ms); "
                 f"first failing count {m['failed_at']}"
             )
-        elif r["scenario"] == "proxy" and "steps" in m:
+        elif r["scenario"] == "proxy" and "steps" in m and "row" in m:
             out.append(
-                f"sseserver proxy {r['variant']}: {m['max_streams_held']:,} concurrent 50 "
-                f"token/s streams through the OpenAI provider held with p99 lateness "
-                f"{m['p99_ms_at_held']} ms; first failing count {m['failed_at']}; server "
-                f"CPU {m['server_cpu_us_per_chunk']} µs per chunk "
+                f"sseserver proxy {m['route']} {m['provider']} {m['client']}: "
+                f"{m['max_streams_held']:,} concurrent 50 chunk/s streams held with p99 "
+                f"lateness {m['p99_ms_at_held']} ms; first failing count {m['failed_at']}; "
+                f"server CPU {m['server_cpu_us_per_chunk']} µs per chunk "
                 f"(at {m['server_cpu_us_per_chunk_at']} streams)"
+            )
+        elif r["scenario"] == "proxy" and "row" in m and "added_fresh_p50_ms" in m:
+            out.append(
+                f"sseserver proxy {m['route']} {m['provider']} {m['client']}: TTFT added on a "
+                f"fresh connection p50 {m['added_fresh_p50_ms']} ms, p99 "
+                f"{m.get('added_fresh_p99_ms')} ms"
             )
     return "\n".join(out)

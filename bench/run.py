@@ -4,7 +4,9 @@
     python -m bench.run --full                        # longer: bigger counts, finer ramps
     python -m bench.run --quick --only idle,tokens --servers sseserver
     python -m bench.run --quick --only fanout --servers sseserver --profile
-    python -m bench.run --quick --only proxy --servers sseserver [--profile]
+    python -m bench.run --quick --only proxy --servers sseserver,aiohttp-relay [--profile]
+    python -m bench.run --quick --only proxy --servers sseserver --proxy-rows 'chat-*' \
+        --proxy-parts streams --proxy-steps 50          # one step of 50 streams per row
     python -m bench.run --quick --only fanout --servers sseserver,sseserver-redis
 
 For each scenario and server: start the server pinned to core 0 (``taskset -c 0``) with
@@ -28,9 +30,10 @@ from bench import harness
 from bench.harness import ROOT, raise_nofile
 from bench.report import closing_note, latest_records, write_charts, write_report
 from bench.scenarios import SCENARIOS
+from bench.scenarios.proxy import ALL_ROWS, pick_rows
 from bench.servers import ALL_SERVERS, SERVERS
 from bench.session import Bench
-from bench.settings import ALL_SCENARIOS, FULL, IDLE_KINDS, QUICK
+from bench.settings import ALL_SCENARIOS, FULL, IDLE_KINDS, PROXY_PARTS, QUICK
 
 # -- command line ----------------------------------------------------------------------------
 
@@ -62,6 +65,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "or both (default)",
     )
     p.add_argument(
+        "--proxy-rows",
+        default="",
+        help="proxy rows to run, comma-separated names or patterns (default: all): "
+        + ", ".join(ALL_ROWS),
+    )
+    p.add_argument(
+        "--proxy-parts",
+        default=",".join(PROXY_PARTS),
+        help="proxy parts to run: ttft (TTFT added), streams (50 chunk/s streams held, "
+        "CPU per chunk), or both (default)",
+    )
+    p.add_argument(
+        "--proxy-steps",
+        default="",
+        help="override the mode's proxy ramp, e.g. 50 (one step) or 200,500",
+    )
+    p.add_argument(
+        "--ttft-requests",
+        type=int,
+        default=0,
+        help="override the mode's TTFT request count (proxy: a third of it, at least 50)",
+    )
+    p.add_argument(
         "--nice",
         type=int,
         default=0,
@@ -75,8 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad += [s for s in args.server_list if s not in SERVERS]
     args.idle_kind_list = tuple(k.strip() for k in args.idle_kinds.split(",") if k.strip())
     bad += [k for k in args.idle_kind_list if k not in IDLE_KINDS]
+    args.proxy_row_list = tuple(r.strip() for r in args.proxy_rows.split(",") if r.strip())
+    bad += [r for r in args.proxy_row_list if not pick_rows((r,))]
+    args.proxy_part_list = tuple(k.strip() for k in args.proxy_parts.split(",") if k.strip())
+    bad += [k for k in args.proxy_part_list if k not in PROXY_PARTS]
     if bad:
-        p.error(f"unknown scenario or server: {', '.join(bad)}")
+        p.error(f"unknown scenario, server, proxy row or part: {', '.join(bad)}")
     return args
 
 
@@ -88,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         settings.redis_fanout_subscribers = list(settings.fanout_subscribers)
     if args.idle_streams:
         settings.idle_streams = [int(x) for x in args.idle_streams.split(",")]
+    if args.proxy_steps:
+        settings.proxy_steps = [int(x) for x in args.proxy_steps.split(",")]
+    if args.ttft_requests:
+        settings.ttft_requests = args.ttft_requests
+    settings.proxy_rows = args.proxy_row_list
+    settings.proxy_parts = args.proxy_part_list
     if args.nice:
         harness.NICE[:] = ["nice", "-n", str(args.nice)]
     raise_nofile()

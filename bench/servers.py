@@ -1,5 +1,6 @@
 """The servers a run compares (one registry line each), and the processes of a run:
-a server pinned to its core, the private redis-server of sseserver-redis, fake upstreams."""
+a server pinned to its core, the private redis-server of sseserver-redis, fake upstreams
+(OpenAI and Gemini, the tests' Python fakes or the bench's fast Node ones)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ class ServerSpec:
     available: Callable[[], str | None] = lambda: None  # None, or why it cannot run
     version: Callable[[], str] = lambda: ""
     redis: bool = False  # runs against a private redis-server (RedisServer), --hub URL
+    # a relay only (no /v1/stream, no pub/sub): warmed up by its scenario, not by Server
+    relay_only: bool = False
 
 
 def _pkg_version(name: str) -> str:
@@ -141,6 +144,17 @@ SERVERS: dict[str, ServerSpec] = {
         available=lambda: None if Path(NODE).exists() else "node not installed",
         version=lambda: f"node {_command_version([NODE, '--version'])}",
     ),
+    # Not an SSE server: the relay peer of the proxy scenario (POST /v1/chat/completions
+    # passed through aiohttp's client to the fake OpenAI upstream), its rows only.
+    "aiohttp-relay": ServerSpec(
+        "aiohttp-relay",
+        "peer",
+        ("proxy",),
+        lambda port, tmp: [PY, str(PEERS / "aiohttp_relay.py"), "--port", str(port)],
+        available=_python_peer("aiohttp", "aiohttp", "uvloop"),
+        version=lambda: f"aiohttp {_pkg_version('aiohttp')} (server and client)",
+        relay_only=True,
+    ),
     "nchan": ServerSpec(
         "nchan",
         "nchan",
@@ -232,6 +246,8 @@ class Server:
         measure the server at rest."""
         for _ in range(5):
             http_get(self.port, "/healthz")
+        if self.spec.relay_only:
+            return
         if self.spec.flavor != "nchan":
             for _ in range(3):
                 http_get(self.port, "/v1/stream?tokens=3&interval_ms=0", accept="text/event-stream")
@@ -291,23 +307,26 @@ class RedisServer(redis_server.RedisServer):
 
 
 UPSTREAMS = {
-    # the fake of the tests: records connections (/_fake/stats), every failure mode; slow
-    "python": [PY, "-m", "tests.upstreams.openai_wire"],
-    # bench/peers/openai_upstream.js: same wire format and token texts, streams only; fast
-    "node": [NODE, str(PEERS / "openai_upstream.js")],
+    # the fakes of the tests: record connections (/_fake/stats), every failure mode; slow
+    ("openai", "python"): [PY, "-m", "tests.upstreams.openai_wire"],
+    ("gemini", "python"): [PY, "-m", "tests.upstreams.gemini_wire"],
+    # bench/peers/*_upstream.js: same wire formats and token texts, streams only; fast
+    ("openai", "node"): [NODE, str(PEERS / "openai_upstream.js")],
+    ("gemini", "node"): [NODE, str(PEERS / "gemini_upstream.js")],
 }
 
 
 class Upstream:
-    """A fake OpenAI upstream in its own process, pinned to the load generator's core
-    (the proxy loads are sequential): ``python``, the fake of the tests
-    (tests/upstreams/openai_wire.py), or ``node`` (bench/peers/openai_upstream.js)."""
+    """A fake upstream of ``api`` (``openai``, ``gemini``) in its own process, pinned to the
+    load generator's core (the proxy loads are sequential): ``python``, the fake of the
+    tests (tests/upstreams/{api}_wire.py), or ``node`` (bench/peers/{api}_upstream.js)."""
 
-    def __init__(self, kind: str = "python", timeout_s: float = 15.0) -> None:
+    def __init__(self, kind: str = "python", timeout_s: float = 15.0, api: str = "openai") -> None:
         self.kind = kind
+        self.api = api
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [*pinned(LOADGEN_CORE), *UPSTREAMS[kind], "--port", str(self.port)],
+            [*pinned(LOADGEN_CORE), *UPSTREAMS[api, kind], "--port", str(self.port)],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -318,7 +337,14 @@ class Upstream:
         line = self._first_line(timeout_s)
         if not line.startswith("LISTENING"):
             self.stop()
-            raise RuntimeError(f"fake OpenAI upstream ({kind}) did not start: {line.strip()!r}")
+            raise RuntimeError(f"fake {api} upstream ({kind}) did not start: {line.strip()!r}")
+
+    @property
+    def base_url(self) -> str:
+        """What sseserver's --openai-base-url / --gemini-base-url (and the relay peer's
+        --upstream) take."""
+        url = f"http://127.0.0.1:{self.port}"
+        return f"{url}/v1" if self.api == "openai" else f"{url}/"
 
     def _first_line(self, timeout_s: float) -> str:
         """Its first output line, read within ``timeout_s``."""

@@ -17,7 +17,11 @@ IDLE_KINDS = {"generations": "idle", "subscriptions": "idle-sub"}
 # The order of the report's rows: scenarios as recorded (idle-sub is part of idle).
 REPORT_SCENARIOS = ("idle", "idle-sub", *ALL_SCENARIOS[1:])
 
-OPENAI_CLIENTS = ("sdk", "fast", "lean")  # sseserver --openai-client (SSESERVER_OPENAI_CLIENT)
+OPENAI_CLIENTS = ("sdk", "lean")  # sseserver --openai-client (SSESERVER_OPENAI_CLIENT)
+GEMINI_CLIENTS = ("sdk", "lean")  # sseserver --gemini-client (SSESERVER_GEMINI_CLIENT)
+# The proxy scenario's two parts (bench.run --proxy-parts): the TTFT the relay adds, and the
+# concurrent 50 chunk/s streams it holds with its CPU per chunk.
+PROXY_PARTS = ("ttft", "streams")
 
 
 @dataclasses.dataclass
@@ -31,12 +35,20 @@ class Settings:
     fanout_duration_s: float
     fanout_publishers: list[int]
     ttft_requests: int
-    proxy_steps: list[int]  # concurrent 50 token/s streams through the OpenAI provider
+    proxy_steps: list[int]  # concurrent 50 chunk/s streams relayed (each proxy row)
     proxy_bisect: int
     # sseserver-redis runs only fanout, at these subscriber counts (--fanout-subscribers
     # overrides them too)
     redis_fanout_subscribers: list[int] = dataclasses.field(default_factory=lambda: [1000])
     settle_s: float = 2.0
+    # The relay's streams (issue 12): 200 chunks at 50/s (4 s), their requests spread over
+    # 2 s, so that every stream is open upstream at once in the steady window (both modes).
+    proxy_tokens: int = 200
+    proxy_ramp_s: float = 2.0
+    # bench.run --proxy-rows (row-name patterns, e.g. "chat-*"; empty: every row) and
+    # --proxy-parts (of PROXY_PARTS)
+    proxy_rows: tuple[str, ...] = ()
+    proxy_parts: tuple[str, ...] = PROXY_PARTS
 
 
 QUICK = Settings(
@@ -49,7 +61,7 @@ QUICK = Settings(
     fanout_duration_s=4.0,
     fanout_publishers=[1, 4],
     ttft_requests=300,
-    proxy_steps=[50, 100, 200, 400, 800, 1600, 3200],
+    proxy_steps=[50, 100, 200, 300, 500, 800, 1600, 3200],  # 500: issue 12's target
     proxy_bisect=1,
 )
 FULL = Settings(
@@ -62,6 +74,6 @@ FULL = Settings(
     fanout_duration_s=10.0,
     fanout_publishers=[1, 4],
     ttft_requests=2000,
-    proxy_steps=[25, 50, 100, 150, 200, 300, 400, 600, 800, 1200, 1600, 2400, 3200],
+    proxy_steps=[25, 50, 100, 150, 200, 300, 400, 500, 600, 800, 1200, 1600, 2400, 3200],
     proxy_bisect=2,
 )

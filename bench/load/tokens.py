@@ -8,7 +8,7 @@ import asyncio
 import math
 from typing import Any
 
-from bench.load.addressing import get_request, stream_target
+from bench.load.addressing import get_request, post_json_request, stream_target
 from bench.load.meters import Meter, now, percentiles
 from bench.load.streams import TEXT, Dialer, HTTPStream, Progress
 from tests.support.procs import raise_nofile
@@ -23,11 +23,17 @@ END_GRACE_S = 0.5  # after the last token is due: a token later than that is los
 class TokenStream(HTTPStream):
     """Counts text events against the schedule its request set: token i is due at
     request + ttft + i * interval, whatever the server did before answering. A server that
-    holds a stream back makes every one of its tokens late, and its first event too."""
+    holds a stream back makes every one of its tokens late, and its first event too.
+
+    A text event is one occurrence of ``run.marker`` (``{"text"``: sseserver's and the
+    peers' events; ``"content":"tok``: an OpenAI ``chat.completion.chunk`` with text); the
+    first event is the first occurrence of ``run.start`` (``event: start``; ``data: `` for
+    a relayed OpenAI stream, whose first event is the role chunk)."""
 
     def __init__(self, request: bytes, run: TokenRun) -> None:
         super().__init__(request)
         self.run = run
+        self.start = run.start
         self.t_first = -1.0  # arrival of the first event (``event: start``)
         self.pre = b""
         self.tail = b""
@@ -38,17 +44,18 @@ class TokenStream(HTTPStream):
         t = now()
         run = self.run
         if self.t_first < 0:
+            start = self.start
             pre = self.pre + data
-            i = pre.find(START)
+            i = pre.find(start)
             if i < 0:
-                self.pre = pre[-len(START) :]
+                self.pre = pre[-len(start) :]
                 return
             self.t_first = t
             run.first_event.append(t - self.t_sent)
             self.pre = b""
             data = pre[i:]
         scan = self.tail + data
-        n = scan.count(TEXT)
+        n = scan.count(run.marker)
         if n:
             if run.window_start <= t <= run.window_end:
                 run.window_received += n
@@ -71,7 +78,7 @@ class TokenStream(HTTPStream):
                 append(late)
                 if k >= first_steady:
                     steady(late)
-        self.tail = scan[-6:]
+        self.tail = scan[-run.keep :]
         if b"[DONE]" in scan and not self.done:
             self.done = True
             self.abort()  # keep-alive would be allowed; the step is over for this stream
@@ -87,8 +94,23 @@ class TokenRun:
     """What every stream of one step shares: its schedule, the lateness lists, the
     steady window and how many streams are still running."""
 
-    def __init__(self, streams: int, tokens: int, interval: float, ttft: float) -> None:
+    def __init__(
+        self,
+        streams: int,
+        tokens: int,
+        interval: float,
+        ttft: float,
+        marker: bytes = TEXT,
+        start: bytes = START,
+    ) -> None:
         self.tokens = tokens
+        self.marker = marker
+        self.start = start
+        # Bytes kept between reads: a marker cut in two is found whole in the next scan, and
+        # none is counted twice. Markers of 6 bytes or more, so that `[DONE]` is found too.
+        if len(marker) < len(b"[DONE]"):
+            raise ValueError(f"marker {marker!r}: 6 bytes or more")
+        self.keep = len(marker) - 1
         self.interval = interval
         self.ttft = ttft
         self.lateness: list[float] = []
@@ -138,11 +160,16 @@ async def run_tokens(args: argparse.Namespace, progress: Progress) -> dict[str, 
     interval = args.interval_ms / 1000
     ttft = args.ttft_ms / 1000
     # --target: another stream whose text events come on the same schedule, e.g. the OpenAI
-    # provider against a fake upstream told `[fake tokens=... interval_ms=...]` (proxy).
+    # provider against a fake upstream told `[fake tokens=... interval_ms=...]` (proxy);
+    # --body: POSTed as JSON to it instead of a GET (/v1/chat/completions), with --marker
+    # and --start-marker telling its text events and its first event.
     target = args.target or stream_target(tokens, args.interval_ms, args.ttft_ms)
-    request = get_request(args.host, args.port, target)
+    if args.body:
+        request = post_json_request(args.host, args.port, target, args.body.encode())
+    else:
+        request = get_request(args.host, args.port, target)
     dialer = Dialer(args.host, args.port, n, args.sources)
-    run = TokenRun(n, tokens, interval, ttft)
+    run = TokenRun(n, tokens, interval, ttft, args.marker.encode(), args.start_marker.encode())
     streams: list[TokenStream] = []
     failed = 0
     loop = asyncio.get_running_loop()
