@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -169,6 +169,23 @@ class RawAnswer(Protocol):
     async def read(self) -> bytes: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class PipedAnswer(Protocol):
+    """A ``RawAnswer`` whose body can be pushed: ``on_piece`` from the socket's reads,
+    then ``on_end`` once (None, or the ``ProviderError`` that cut it short); ``aclose``
+    stops both and closes the connection."""
+
+    def pipe(
+        self,
+        on_piece: Callable[[bytes], None],
+        on_end: Callable[[ProviderError | None], None],
+    ) -> None: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
 
 
 @runtime_checkable

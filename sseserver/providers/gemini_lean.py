@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -384,27 +384,96 @@ class TranslatedAnswer:
             raise UpstreamProtocolError("upstream sent a malformed chunk") from exc
 
     async def _events(self) -> AsyncIterator[bytes]:
-        translator = ChunkTranslator(self._model, include_usage=self._include_usage)
-        decoder = EventDecoder()
+        translation = Translation(self._model, self._include_usage, self.headers)
         async for piece in self._response:
-            out = []
-            for _event, payload in decoder.feed(piece):
-                chunk = json.loads(payload)
-                if not isinstance(chunk, dict):
-                    raise ValueError("chunk is not an object")
-                if "error" in chunk:
-                    raise _event_error(chunk, self.headers)
-                out += [b"data: " + _dump(c) + b"\n\n" for c in translator.feed(chunk)]
+            out = translation.feed(piece)
             if out:
-                yield b"".join(out)
-        decoder.close()
-        yield b"".join(b"data: " + _dump(c) + b"\n\n" for c in translator.end()) + DONE_EVENT
+                yield out
+        yield translation.end()
+
+    def pipe(
+        self,
+        on_piece: Callable[[bytes], None],
+        on_end: Callable[[ProviderError | None], None],
+    ) -> None:
+        """A streamed answer pushed from the socket's reads, translated as it comes
+        (``base.PipedAnswer``)."""
+        translation = Translation(self._model, self._include_usage, self.headers)
+        response = self._response
+        provider = self._provider
+
+        def piece(data: bytes) -> None:
+            try:
+                out = translation.feed(data)
+            except ProviderError as exc:
+                response.abort()
+                on_end(exc)
+                return
+            except ValueError:
+                response.abort()
+                on_end(provider.malformed())
+                return
+            if out:
+                on_piece(out)
+
+        def ended(error: BaseException | None) -> None:
+            if error is not None:
+                on_end(provider._transport_error(error, started=True))
+                return
+            try:
+                last = translation.end()
+            except ValueError:
+                on_end(provider.malformed())
+                return
+            on_piece(last)
+            on_end(None)
+
+        response.pipe(piece, ended)
+
+    def pause(self) -> None:
+        self._response.pause()
+
+    def resume(self) -> None:
+        self._response.resume()
 
     async def read(self) -> bytes:
         return b"".join([piece async for piece in self])
 
     async def aclose(self) -> None:
         self._response.close()
+
+
+class Translation:
+    """A streamed Gemini answer's bytes to OpenAI ``chat.completion.chunk`` events."""
+
+    __slots__ = ("_decoder", "_headers", "_translator")
+
+    def __init__(self, model: str, include_usage: bool, headers: Mapping[str, str]) -> None:
+        self._translator = ChunkTranslator(model, include_usage=include_usage)
+        self._decoder = EventDecoder()
+        self._headers = headers
+
+    def feed(self, data: bytes) -> bytes:
+        """The events ``data`` completes, translated.
+
+        Raises:
+            ProviderError: an error event; ValueError: JSON, UTF-8 or a chunk's shape.
+        """
+        out = []
+        for _event, payload in self._decoder.feed(data):
+            chunk = json.loads(payload)
+            if not isinstance(chunk, dict):
+                raise ValueError("chunk is not an object")
+            if "error" in chunk:
+                raise _event_error(chunk, self._headers)
+            out += [b"data: " + _dump(c) + b"\n\n" for c in self._translator.feed(chunk)]
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        """The closing events and ``[DONE]``. Raises ValueError: a last line not UTF-8."""
+        self._decoder.close()
+        closing = self._translator.end()
+        return b"".join(b"data: " + _dump(c) + b"\n\n" for c in closing) + DONE_EVENT
 
 
 def _dump(value: Any) -> bytes:

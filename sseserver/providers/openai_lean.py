@@ -11,7 +11,7 @@ honoured, at most 2 retries); once an answer has begun, nothing is retried.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any
 
 from .base import (
@@ -154,3 +154,22 @@ class LeanAnswer:
 
     async def aclose(self) -> None:
         self._response.close()
+
+    def pipe(
+        self,
+        on_piece: Callable[[bytes], None],
+        on_end: Callable[[ProviderError | None], None],
+    ) -> None:
+        """The body pushed from the socket's reads (``base.PipedAnswer``)."""
+        lean_error = self._provider._lean_error
+
+        def ended(error: BaseException | None) -> None:
+            on_end(None if error is None else lean_error(error, started=True))
+
+        self._response.pipe(on_piece, ended)
+
+    def pause(self) -> None:
+        self._response.pause()
+
+    def resume(self) -> None:
+        self._response.resume()

@@ -9,7 +9,9 @@ an upstream that fails at once gets a real HTTP status instead of a 200 and an e
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -21,6 +23,7 @@ from ..metrics import Metrics
 from ..providers.base import (
     Delta,
     Message,
+    PipedAnswer,
     Provider,
     ProviderError,
     RawAnswer,
@@ -398,46 +401,87 @@ async def _relay_stream(stream: EventStream, answer: RawAnswer, tally: _Tally) -
     """Pass the upstream's events on as they come; returns the error code it ended with."""
     if not stream.start():
         return "abandoned"
-    decoder = EventDecoder()
-    done = False
-    try:
-        async for piece in answer:
-            stream.write(piece)  # the upstream's bytes, inside our chunk framing
-            try:
-                for _event, data in decoder.feed(piece):
-                    if data.startswith("[DONE]"):
-                        done = True
-                    elif _has_output(data):
-                        tally.delta(Delta(text="\u2026"))  # counted, never re-encoded
-            except UnicodeDecodeError:
-                pass  # not ours to judge: the client reads what the upstream sent
-            await stream.drain()
-    except ProviderError as exc:
-        stream.write(_data(json.loads(error_body(exc.code, exc.message))))
+    reading = _Reading(tally)
+    error: ProviderError | None = None
+    if isinstance(answer, PipedAnswer):
+        error = await _pipe(stream, answer, reading)
+    else:
+        try:
+            async for piece in answer:
+                stream.write(piece)  # the upstream's bytes, inside our chunk framing
+                reading.feed(piece)
+                await stream.drain()
+        except ProviderError as exc:
+            error = exc
+    if error is not None:
+        stream.write(_data(json.loads(error_body(error.code, error.message))))
         stream.write(DONE_EVENT)
-        return exc.code
-    if not done:  # the upstream ended without [DONE]: the client still gets an end
+        return error.code
+    if not reading.done:  # the upstream ended without [DONE]: the client still gets an end
         stream.write(DONE_EVENT)
     return None
 
 
-def _has_output(data: str) -> bool:
-    """Whether an upstream chunk carries output (text, a tool call, a refusal): one
-    token for the count. Cheap checks first; JSON only when they pass."""
-    if '"content"' not in data and '"tool_calls"' not in data and '"refusal"' not in data:
-        return False
-    try:
-        chunk = json.loads(data)
-    except ValueError:
-        return False
-    choices = chunk.get("choices") if isinstance(chunk, dict) else None
-    for choice in choices if isinstance(choices, list) else ():
-        delta = choice.get("delta") if isinstance(choice, dict) else None
-        if isinstance(delta, dict) and (
-            delta.get("content") or delta.get("tool_calls") or delta.get("refusal")
-        ):
-            return True
-    return False
+async def _pipe(
+    stream: EventStream, answer: PipedAnswer, reading: _Reading
+) -> ProviderError | None:
+    """The body pushed from the upstream's socket straight to the client's: the handler
+    waits once, for the end, not once per chunk. A client that falls behind stops the
+    upstream's socket being read until it catches up."""
+    ended: asyncio.Future[ProviderError | None] = asyncio.get_running_loop().create_future()
+    held = False
+
+    def resume() -> None:
+        nonlocal held
+        held = False
+        if not ended.done():
+            answer.resume()
+
+    def piece(data: bytes) -> None:
+        nonlocal held
+        stream.write(data)
+        reading.feed(data)
+        if stream.paused and not held:
+            held = True
+            answer.pause()
+            stream.when_drained(resume)
+
+    def end(error: ProviderError | None) -> None:
+        if not ended.done():
+            ended.set_result(error)
+
+    answer.pipe(piece, end)
+    return await ended
+
+
+# An output chunk: text, a refusal or a tool call in a ``delta`` (keys are never escaped
+# in JSON, so a key cannot be faked by a string's content).
+OUTPUT = re.compile(r'"(?:content|refusal)"\s*:\s*"(?!")|"tool_calls"\s*:\s*\[\s*\{')
+
+
+class _Reading:
+    """What the relay reads of the upstream's events: their ends, its output for the
+    token count and TTFT, and ``[DONE]`` — never re-encoded."""
+
+    __slots__ = ("_decoder", "done", "tally")
+
+    def __init__(self, tally: _Tally) -> None:
+        self.tally = tally
+        self._decoder = EventDecoder()
+        self.done = False
+
+    def feed(self, piece: bytes) -> None:
+        try:
+            for _event, data in self._decoder.feed(piece):
+                if data.startswith("[DONE]"):
+                    self.done = True
+                elif OUTPUT.search(data):
+                    self.tally.delta(COUNTED)
+        except UnicodeDecodeError:
+            pass  # not ours to judge: the client reads what the upstream sent
+
+
+COUNTED = Delta(text="\u2026")  # one token, counted
 
 
 def _count_whole(tally: _Tally, raw: bytes) -> None:
@@ -448,7 +492,7 @@ def _count_whole(tally: _Tally, raw: bytes) -> None:
     except (ValueError, AttributeError, TypeError):
         tokens = 0
     if tokens:
-        tally.delta(Delta(text="\u2026"))  # the first token's time: the answer's
+        tally.delta(COUNTED)  # the first token's time: the answer's
         tally.tokens = tokens
 
 

@@ -67,3 +67,11 @@ def tcp_sockets() -> Iterable[tuple[int, int, str, int]]:
             parts = line.split()
             local, remote, state, inode = parts[1], parts[2], parts[3], int(parts[9])
             yield int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16), state, inode
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident set size, from /proc/PID/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"no VmRSS for process {pid}")

@@ -9,6 +9,7 @@ the client's one shared watchdog, which enforces every timeout: no timer per con
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
 from typing import Protocol
 
@@ -16,6 +17,10 @@ from .parse import MAX_HEAD_BYTES, BodyReader, Head, ResponseError, parse_head
 
 HIGH_WATER = 256 * 1024  # body bytes read but not yet taken: pause the socket above this
 LOW_WATER = 64 * 1024  # ... and resume below this
+# The kernel's receive buffer per upstream socket. Linux grows it by itself up to
+# ``tcp_rmem``'s maximum (32 MB on many hosts): an answer held for a paused reader would
+# pile up there, unseen, before the upstream felt it. A model's stream needs far less.
+RECEIVE_BUFFER = 256 * 1024
 
 
 class UpstreamClosed(ConnectionError):
@@ -66,6 +71,12 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            except OSError:
+                pass  # not a socket that takes it: the kernel's default stays
 
     def data_received(self, data: bytes) -> None:
         self.last_io = self.loop.time()
