@@ -95,16 +95,16 @@ def observe_responses(server: Server, metrics: Metrics) -> None:
     state = server.state
 
     def response_done(stream: EventStream) -> None:
-        metrics.requests.labels(str(stream.status)).inc()
+        metrics.child(metrics.requests, str(stream.status)).inc()
         if stream.request.method != "HEAD" and stream.status == 200 and stream.close_reason:
             metrics.bytes_out.inc(stream.bytes_sent)
             metrics.stream_duration.observe(time.monotonic() - stream.request.received_at)
-            metrics.disconnects.labels(disconnect_reason(stream.close_reason)).inc()
+            metrics.child(metrics.disconnects, disconnect_reason(stream.close_reason)).inc()
             if stream.close_reason == "slow_client":
                 metrics.slow_drops.inc()
 
     def count_stream(stream: Ticked, delta: int) -> None:
-        metrics.open_streams.labels(stream_kind(stream.request.path)).inc(delta)
+        metrics.child(metrics.open_streams, stream_kind(stream.request.path)).inc(delta)
 
     state.on_response_done = response_done
     state.on_connections = metrics.open_connections.inc

@@ -20,12 +20,12 @@ import time
 from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from .http.stream import EventStream
 from .hub.base import Hub, Subscription
 from .hub.presence import RedisPresence
-from .providers.base import Feed, GenerationRequest, Provider, ProviderError, Pushes
+from .providers.base import Feed, GenerationRequest, Provider, ProviderError, Pushes, pushes
 from .wire import ids
 from .wire.errors import ClientGone, error_event_data
 from .wire.sse import DONE
@@ -183,9 +183,9 @@ class Generations:
             event="start",
             owner=owner,
         )
-        if isinstance(provider, Pushes):
+        if pushes(type(provider)):
             try:
-                gen.feed = provider.push(request, _Sink(self, gen))
+                gen.feed = cast(Pushes, provider).push(request, _Sink(self, gen))
             except ProviderError as exc:
                 self._end(gen, _failure(exc))
         else:

@@ -35,6 +35,7 @@ class Metrics:
             # build their metrics, so choose again (or each worker counts for itself).
             choose: Callable[[], Any] = prom_values.get_value_class  # unannotated upstream
             prom_values.ValueClass = choose()
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         live: dict[str, Any] = {"multiprocess_mode": "livesum"}
@@ -89,14 +90,23 @@ class Metrics:
             "sseserver_auth_failures", "Requests refused 401/403", ["status"], registry=r
         )
 
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once: prometheus-client's ``labels``
+        takes a lock and rebuilds its key on every call, several times per request."""
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
+
     def first_token(self, provider: str, ttft_s: float) -> None:
-        self.ttft.labels(provider).observe(ttft_s)
+        self.child(self.ttft, provider).observe(ttft_s)
 
     def generation_ended(self, provider: str, tokens: int, error_code: str | None) -> None:
-        self.tokens.labels(provider).inc(tokens)
-        self.generations.labels(provider, error_code or "complete").inc()
+        self.child(self.tokens, provider).inc(tokens)
+        self.child(self.generations, provider, error_code or "complete").inc()
         if error_code and error_code not in ("cancelled", "abandoned", "shutdown"):
-            self.upstream_errors.labels(provider, error_code).inc()
+            self.child(self.upstream_errors, provider, error_code).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text; summed over workers in multi-process mode."""

@@ -7,6 +7,7 @@ Providers know nothing of HTTP or SSE. They release their upstream call in ``fin
 from __future__ import annotations
 
 import email.utils
+import functools
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -241,3 +242,22 @@ class Pushes(Protocol):
         """Start ``request``; deltas and the end go to ``sink``. Validation errors are
         raised here (``BadRequest``); everything later reaches ``sink.on_end``."""
         ...
+
+
+@functools.cache
+def pushes(kind: type) -> bool:
+    """Whether providers of ``kind`` push (``Pushes``), asked once per class: a runtime
+    protocol check walks the protocol's members each time, per request."""
+    return issubclass(kind, Pushes)
+
+
+@functools.cache
+def relays(kind: type) -> bool:
+    """Whether providers of ``kind`` relay (``Relay``), asked once per class."""
+    return issubclass(kind, Relay)
+
+
+@functools.cache
+def piped(kind: type) -> bool:
+    """Whether answers of ``kind`` can be pushed (``PipedAnswer``), asked once per class."""
+    return issubclass(kind, PipedAnswer)

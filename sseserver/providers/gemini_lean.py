@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, M
 from typing import Any
 from urllib.parse import quote
 
+from ..wire import json_text
 from ..wire.sse import DONE, encode_event
 from ..wire.sse_decode import EventDecoder
 from .base import (
@@ -211,7 +212,7 @@ class GeminiEvents:
             ProviderError: an error event; ValueError: JSON, UTF-8 or a chunk's shape.
         """
         for _event, payload in self._decoder.feed(data):
-            chunk = json.loads(payload)
+            chunk = json_text.loads(payload)
             if isinstance(chunk, dict) and "error" in chunk:
                 raise _event_error(chunk, self.headers) from ProviderError(
                     f"error event: {payload[:500]}"
@@ -461,7 +462,7 @@ class Translation:
         """
         out = []
         for _event, payload in self._decoder.feed(data):
-            chunk = json.loads(payload)
+            chunk = json_text.loads(payload)
             if not isinstance(chunk, dict):
                 raise ValueError("chunk is not an object")
             if "error" in chunk:

@@ -31,6 +31,7 @@ from typing import Any
 import anyio
 import httpx
 
+from ..wire import json_text
 from ..wire.sse_decode import EventDecoder
 from .base import (
     ROLES,
@@ -338,7 +339,7 @@ class ChatEvents:
             if payload.startswith("[DONE]"):
                 self.done = True
                 return
-            chunk = json.loads(payload)
+            chunk = json_text.loads(payload)
             if event is not None and event.startswith("thread."):
                 continue  # an Assistants event: no chat chunk in it
             if isinstance(chunk, dict) and chunk.get("error"):

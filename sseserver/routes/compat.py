@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
+from typing import Any, cast
 
 from ..http.request import Request
 from ..http.stream import EventStream
@@ -29,6 +29,8 @@ from ..providers.base import (
     RawAnswer,
     Relay,
     Usage,
+    piped,
+    relays,
     retry_after,
     status_error,
 )
@@ -134,7 +136,7 @@ def register(app: Application, ctx: Context) -> None:
         body = json_body(request)
         provider_name, model = _pick_provider(ctx, body)
         chosen = ctx.provider(provider_name) if isinstance(provider_name, str | None) else None
-        if chosen is not None and isinstance(chosen, Relay) and "sseserver" not in body:
+        if chosen is not None and relays(type(chosen)) and "sseserver" not in body:
             await _relay(ctx, stream, chosen, body, model)
             return
         params = {k: body[k] for k in ("temperature", "max_tokens") if body.get(k) is not None}
@@ -355,12 +357,12 @@ async def _relay(
         raise HTTPError(400, "bad_request", "messages must be a non-empty list")
     if model is not None and not isinstance(model, str):
         raise HTTPError(400, "bad_request", "model must be a string")
-    assert isinstance(provider, Relay)
+    relay = cast(Relay, provider)
     forward = {k: v for k, v in body.items() if k not in OWN_FIELDS}
     forward["model"] = model or provider.default_model
     tally = _Tally(ctx.metrics, provider, stream)
     try:
-        answer = await provider.relay(forward)
+        answer = await relay.relay(forward)
     except ProviderError as exc:
         tally.end(exc.code)
         raise _raise_for(exc) from None
@@ -403,8 +405,8 @@ async def _relay_stream(stream: EventStream, answer: RawAnswer, tally: _Tally) -
         return "abandoned"
     reading = _Reading(tally)
     error: ProviderError | None = None
-    if isinstance(answer, PipedAnswer):
-        error = await _pipe(stream, answer, reading)
+    if piped(type(answer)):
+        error = await _pipe(stream, cast(PipedAnswer, answer), reading)
     else:
         try:
             async for piece in answer:

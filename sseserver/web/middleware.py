@@ -95,7 +95,7 @@ class Guard:
         except HTTPError as exc:
             # 401 from the token check, 403 from a handler's claim check (Mercure topics).
             if exc.status in (401, 403):
-                self.metrics.auth_failures.labels(str(exc.status)).inc()
+                self.metrics.child(self.metrics.auth_failures, str(exc.status)).inc()
             raise
 
     async def _guarded(self, request: Request, stream: EventStream, call_next: Handler) -> None:
@@ -118,7 +118,7 @@ class Guard:
         if self.window is not None:
             wait = await self.window.hit(key)
             if wait:
-                self.metrics.rate_limited.labels("requests").inc()
+                self.metrics.child(self.metrics.rate_limited, "requests").inc()
                 raise HTTPError(
                     429, "rate_limited", "too many requests", [("Retry-After", str(int(wait)))]
                 )
@@ -128,7 +128,7 @@ class Guard:
             return
         taken = await concurrency.acquire(key)
         if taken is None:
-            self.metrics.rate_limited.labels("streams").inc()
+            self.metrics.child(self.metrics.rate_limited, "streams").inc()
             raise HTTPError(
                 429, "too_many_streams", "too many concurrent streams", [("Retry-After", "1")]
             )

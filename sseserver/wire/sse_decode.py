@@ -37,6 +37,17 @@ class EventDecoder:
         """
         if not chunk:
             return
+        if (
+            chunk.startswith(_DATA)
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk.endswith(b"\n\n")
+            and not (self._partial or self._skip_lf or self._data or self._event)
+            and self._retry is None
+            and b"\r" not in chunk
+        ):
+            # The common read of a stream: exactly one event of one data line.
+            yield None, chunk[6:-2].decode()
+            return
         if self._skip_lf:
             self._skip_lf = False
             if chunk[:1] == b"\n":

@@ -111,6 +111,15 @@ class BodyReader:
         return self._feed_chunked(data)
 
     def _feed_chunked(self, data: bytes) -> tuple[list[bytes], bytes]:
+        if self._state == "size" and not self._buffer:
+            # The common read of a stream: exactly one whole chunk (an event). Anything
+            # else (several chunks, a part, extensions) takes the general path below.
+            eol = data.find(b"\r\n", 0, 18)
+            if eol > 0 and _is_hex(data[:eol]):
+                start = eol + 2
+                stop = start + int(data[:eol], 16)
+                if stop > start and len(data) == stop + 2 and data.endswith(b"\r\n"):
+                    return [data[start:stop]], b""
         pieces: list[bytes] = []
         buf = self._buffer + data if self._buffer else data
         self._buffer = b""
@@ -155,8 +164,8 @@ class BodyReader:
         return pieces, b""
 
 
-_HEX = frozenset(b"0123456789abcdefABCDEF")
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
 def _is_hex(text: bytes) -> bool:
-    return all(c in _HEX for c in text)
+    return not text.strip(_HEX_DIGITS)
