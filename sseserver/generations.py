@@ -470,7 +470,10 @@ class _Sink:
             self._generations._pushed_crash(self._gen, exc)
 
     def on_end(self, error: ProviderError | None) -> None:
-        self._generations._pushed_end(self._gen, error)
+        try:
+            self._generations._pushed_end(self._gen, error)
+        except Exception as exc:
+            self._generations._pushed_crash(self._gen, exc)
 
 
 def _failure(exc: ProviderError) -> dict[str, Any]:

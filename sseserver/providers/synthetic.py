@@ -14,10 +14,13 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from .base import BadRequest, Delta, DeltaSink, GenerationRequest, Usage
+
+log = logging.getLogger("sseserver.providers.synthetic")
 
 WORDS = (
     "stream",
@@ -233,7 +236,13 @@ class Clock:
             if run.paused:
                 run.parked = True
                 continue
-            if run.step(now):
+            try:
+                wants_more = run.step(now)
+            except Exception:  # a sink's bug ends its run, never the clock of the others
+                log.exception("synthetic generation failed")
+                run.cancel()
+                continue
+            if wants_more:
                 again.append(run)  # after the loop: a batch-limited run waits its turn
         for run in again:
             run.queued = True
@@ -245,7 +254,7 @@ class Clock:
 class SyntheticProvider:
     name = "synthetic"
     default_model = "synthetic-1"
-    models = ("synthetic-1",)
+    models: tuple[str, ...] = ("synthetic-1",)
 
     def __init__(self, **_options: Any) -> None:
         self._clock: Clock | None = None

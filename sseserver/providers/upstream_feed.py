@@ -11,6 +11,7 @@ upstream); cancelling closes it at once.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
@@ -62,7 +63,7 @@ class Answering(Protocol):
 class UpstreamFeed:
     """One pushed generation: its opening task, then its answer's pieces."""
 
-    __slots__ = ("_api", "_over", "_paused", "_reader", "_response", "_sink", "_task")
+    __slots__ = ("_api", "_call", "_over", "_paused", "_reader", "_response", "_sink", "_task")
 
     def __init__(
         self,
@@ -77,6 +78,7 @@ class UpstreamFeed:
         self._response: Response | None = None
         self._paused = False
         self._over = False  # ended or cancelled: the sink hears nothing more
+        self._call: Coroutine[Any, Any, Response] | None = call
         self._task: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(
             self._open(call)
         )
@@ -98,6 +100,9 @@ class UpstreamFeed:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
+        call, self._call = self._call, None
+        if call is not None and inspect.getcoroutinestate(call) == inspect.CORO_CREATED:
+            call.close()  # the task never started it: nothing to undo, nothing to warn of
         response, self._response = self._response, None
         if response is not None:
             response.abort()  # the socket is closed, never pooled
@@ -108,6 +113,7 @@ class UpstreamFeed:
         api = self._api
         try:
             response = await call
+            self._call = None
         except TRANSPORT_ERRORS as exc:
             self._finish(api.transport_error(exc, started=False))
             return

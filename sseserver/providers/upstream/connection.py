@@ -158,15 +158,20 @@ class Connection(asyncio.Protocol):
 
     def deliver_to(self, consumer: BodyConsumer) -> None:
         """From now on, push the body to ``consumer`` from ``data_received`` (what was
-        already read first): no task wakes per piece."""
+        already read first, unless the connection is held): no task wakes per piece."""
         self._consumer = consumer
-        pieces = list(self._pieces)
-        self._pieces.clear()
-        self._buffered = 0
         if self._paused and self.transport is not None:
             self._paused = False
             if not self.held:
                 self.transport.resume_reading()
+        if not self.held:
+            self._flush(consumer)
+
+    def _flush(self, consumer: BodyConsumer) -> None:
+        """Hand ``consumer`` what was read before it took the body, and the body's end."""
+        pieces = list(self._pieces)
+        self._pieces.clear()
+        self._buffered = 0
         for piece in pieces:
             consumer.body_piece(piece)
             if self._consumer is not consumer:
@@ -195,6 +200,9 @@ class Connection(asyncio.Protocol):
             self.last_io = self.loop.time()  # the idle timeout counts from now
             if self.transport is not None and not self._paused:
                 self.transport.resume_reading()
+            consumer = self._consumer
+            if consumer is not None and (self._pieces or self._ended or self._error):
+                self._flush(consumer)  # what was read before the consumer took the body
 
     @property
     def ended(self) -> bool:
