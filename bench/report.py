@@ -187,7 +187,8 @@ def write_report(records: list[dict[str, Any]], settings: Settings) -> Path:
         "at request + i * 20 ms), not from the stream's first event.",
         "",
         "`idle N (generations)`: N `/v1/stream` generations held with the first token 10 "
-        "minutes away (each a running generation: producer task, provider call, history). "
+        "minutes away (each a running generation: its place on the provider's clock, its "
+        "record, history). "
         "`idle-sub N (subscriptions)`: N subscriptions to one topic nobody publishes to "
         "(sseserver `/.well-known/mercure?topic=idle`, the peers `/sub?topic=idle`, nchan "
         "`/sub/idle`). nchan has no generations: its idle numbers are subscriptions and sit "
@@ -314,7 +315,11 @@ def _relay_label(r: dict[str, Any]) -> str:
 
 
 def _ratio(value: Any, base: Any) -> str:
-    if not isinstance(value, int | float) or not isinstance(base, int | float) or not base:
+    """``value / base``; none when either is missing or not above zero (an added TTFT
+    can measure below zero in noise: no ratio means anything then)."""
+    if not isinstance(value, int | float) or not isinstance(base, int | float):
+        return "—"
+    if base <= 0 or value < 0:
         return "—"
     return f"x{value / base:.2f}"
 
