@@ -27,6 +27,7 @@ from .hub.base import Hub, Subscription
 from .hub.presence import RedisPresence
 from .providers.base import Feed, GenerationRequest, Provider, ProviderError, Pushes, pushes
 from .wire import ids
+from .wire.chunked import Frame
 from .wire.errors import ClientGone, error_event_data
 from .wire.sse import DONE
 
@@ -54,9 +55,11 @@ _json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _json_string = json.encoder.encode_basestring  # the C encoder, as _json uses
 
 
-def _text_payload(text: str) -> str:
-    """``{"text": ...}`` for one delta, as ``_json`` writes it, without its overhead."""
-    return '{"text":' + _json_string(text) + "}"
+def _text_frame(event_id: str, text: str) -> Frame:
+    """One delta's event, ``id: {event_id}`` and ``data: {"text": ...}``, the bytes
+    ``encode_event`` would write (the id is ours, the C encoder escapes every line break
+    in the text), built without its checks: this runs for every token."""
+    return Frame.of(f'id: {event_id}\ndata: {{"text":{_json_string(text)}}}\n\n'.encode())
 
 
 @dataclass(slots=True, eq=False)
@@ -311,7 +314,10 @@ class Generations:
             gen.ttft_ms = (gen.first_at - gen.started_at) * 1000
             self._notify(gen, "first_token")
         gen.tokens += 1
-        self._publish(gen, _text_payload(text))
+        gen.seq += 1
+        event_id = f"{gen.id}:{gen.seq}"
+        hub = self.hub
+        hub.dispatch(hub.update_of(gen.topics, event_id, _text_frame(event_id, text)))
         if not gen.held:
             for reader in gen.viewers:  # a paused throttler holds the upstream
                 if reader.paused and reader.on_full == "wait":

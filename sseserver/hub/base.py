@@ -152,6 +152,19 @@ class Hub(Protocol):
         """Encode and frame once. Raises ValueError for an invalid id, event or topic."""
         ...
 
+    def update_of(
+        self,
+        topics: tuple[str, ...],
+        event_id: str,
+        frame: Frame,
+        *,
+        private: bool = False,
+        final: bool = False,
+        owner: str | None = None,
+    ) -> Update:
+        """An update around a frame its caller encoded (and vouches for: no checks)."""
+        ...
+
     def dispatch(self, update: Update) -> None:
         """Keep ``update`` and write it now to every subscriber that wants it."""
         ...

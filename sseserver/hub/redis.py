@@ -65,6 +65,7 @@ class RedisHub:
         # The Hub interface's reads and local writes are the mirror's own methods, bound
         # here rather than wrapped one by one; what Redis changes is defined below.
         self.make_update = local.make_update
+        self.update_of = local.update_of
         self.subscribe = local.subscribe
         self.replay = local.replay
         self.attach = local.attach

@@ -335,7 +335,9 @@ class ChatEvents:
             ProviderError: an error event; UpstreamProtocolError: a malformed chunk;
             ValueError: JSON or UTF-8 that does not decode.
         """
-        for event, payload in self._decoder.feed(data):
+        whole = self._decoder.whole(data)
+        events = self._decoder.feed(data) if whole is None else ((None, whole),)
+        for event, payload in events:
             if payload.startswith("[DONE]"):
                 self.done = True
                 return

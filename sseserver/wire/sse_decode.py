@@ -37,16 +37,9 @@ class EventDecoder:
         """
         if not chunk:
             return
-        if (
-            chunk.startswith(_DATA)
-            and chunk.find(b"\n") == len(chunk) - 2
-            and chunk.endswith(b"\n\n")
-            and not (self._partial or self._skip_lf or self._data or self._event)
-            and self._retry is None
-            and b"\r" not in chunk
-        ):
-            # The common read of a stream: exactly one event of one data line.
-            yield None, chunk[6:-2].decode()
+        whole = self.whole(chunk)
+        if whole is not None:
+            yield None, whole
             return
         if self._skip_lf:
             self._skip_lf = False
@@ -70,6 +63,25 @@ class EventDecoder:
                 data = self._data[0] if len(self._data) == 1 else "\n".join(self._data)
                 self._event, self._data, self._retry = None, [], None  # the id stays
                 yield event, data
+
+    def whole(self, chunk: bytes) -> str | None:
+        """The data of ``chunk`` when it is exactly one event of one data line and
+        nothing is pending (the common read of a stream), else None: ``feed`` reads the
+        same chunk to the same event, only slower.
+
+        Raises:
+            UnicodeDecodeError: that line is not UTF-8.
+        """
+        if (
+            chunk.startswith(_DATA)
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk.endswith(b"\n\n")
+            and not (self._partial or self._skip_lf or self._data or self._event)
+            and self._retry is None
+            and b"\r" not in chunk
+        ):
+            return chunk[6:-2].decode()
+        return None
 
     def close(self) -> None:
         """The end of the body: an unterminated line ends no event, but must be UTF-8.
