@@ -1,7 +1,10 @@
-"""What every provider is: an async iterator of ``Delta``s for one ``GenerationRequest``.
+"""What every provider is: an async iterator of ``Delta``s for one ``GenerationRequest``
+(``stream``, pulled by a task) — and, for those that can, a generation pushed to a
+``DeltaSink`` from the event loop's own callbacks (``Pushes``), with no task of its own.
 
 Providers know nothing of HTTP or SSE. They release their upstream call in ``finally`` /
-``async with`` so that cancelling the consuming task closes the upstream connection.
+``async with`` so that cancelling the consuming task closes the upstream connection; a
+pushed one closes it in ``Feed.cancel``.
 """
 
 from __future__ import annotations
