@@ -244,6 +244,15 @@ class MemoryHub:
             return
         self._deliver(run[-1], Frame.joined([u.frame for u in run]), len(run))
 
+    def announce(self, topics: tuple[str, ...], frame: Frame) -> None:
+        """Write ``frame`` now to every subscriber of ``topics`` and keep nothing: a
+        notice about the topics (it has no id a reader could resume after)."""
+        if self._pending:
+            self.flush()
+        notice = Update(topics, "", frame, False, 0, time.monotonic())
+        for target in self._targets(notice):
+            target.stream.write_frame(frame)
+
     def _deliver(self, update: Update, frame: Frame, count: int) -> None:
         for target in self._targets(update):
             if target.stream.write_frame(frame):

@@ -9,7 +9,11 @@ from this instance.
 
 When Redis goes away, publishing answers 503, local subscribers stay connected, and the
 reader resumes from the last entry it saw once Redis is back: nothing that Redis still
-holds is lost.
+holds is lost. Generation tokens (``dispatch``) keep flowing to local readers meanwhile;
+their copies for the other instances wait in an outbox bounded in bytes
+(``outbox_bytes``). Past it the oldest waiting are dropped, counted per topic, and once
+Redis is back a gap entry goes out in their place: other instances tell their readers of
+those topics ``event: error`` ``missed_events`` — a gap is never silent.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import json
 import logging
 import uuid
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import cast
 
@@ -26,6 +31,8 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from ..wire.chunked import Frame
+from ..wire.errors import error_event_data
+from ..wire.sse import encode_event
 from .base import Update, stop_tasks
 from .memory import MemoryHub, MiB
 
@@ -37,6 +44,9 @@ READ_COUNT = 1000
 RECONNECT_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0)  # then every 1 s
 CLOSE_WAIT_S = 1.0
 CONNECTION_ERRORS = (RedisError, ConnectionError, OSError, TimeoutError)
+OUTBOX_BYTES = 64 * MiB  # updates waiting for Redis, beyond the batch being written
+BATCH_BYTES = 1 * MiB  # one pipelined write at most (so in flight is bounded too)
+ENTRY_OVERHEAD = 200  # an outbox entry's own weight besides its frame, measured roughly
 
 # What XRANGE/XREAD give this client (RESP2, no decode_responses, legacy shapes): bytes
 # ids, keys and values. redis-py's stubs also allow str, None and RESP3's dict.
@@ -58,6 +68,7 @@ class RedisHub:
         resume_window_s: float = 300.0,
         stream_key: str = STREAM_KEY,
         max_len: int | None = None,
+        outbox_bytes: int = OUTBOX_BYTES,
     ) -> None:
         local = self.local = MemoryHub(
             history, history_age_s, history_bytes=history_bytes, resume_window_s=resume_window_s
@@ -88,7 +99,13 @@ class RedisHub:
         self._last_entry = "0-0"
         self._reader: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
-        self._outbox: asyncio.Queue[Update] = asyncio.Queue()
+        self._outbox: deque[Update] = deque()
+        self.outbox_bytes = outbox_bytes
+        self.outbox_held = 0  # bytes of the updates in the outbox
+        self._outbox_ready = asyncio.Event()
+        self._gaps: Counter[tuple[str, ...]] = Counter()  # dropped, per topics, not told yet
+        self.dropped = 0  # updates that never reached Redis (the outbox overflowed)
+        self._overflowing = False  # dropping since the last write that went through
         self._arrived = asyncio.Event()  # set, and replaced, after each batch read
         self._connected = False
 
@@ -208,6 +225,24 @@ class RedisHub:
             fields["owner"] = update.owner
         return fields
 
+    def _tell_gap(self, raw: dict[bytes, bytes]) -> None:
+        """Another instance lost updates of these topics on their way to Redis: its
+        readers here hear of it (they got everything else in order)."""
+        try:
+            topics = tuple(json.loads(raw[b"gap"]))
+            missed = int(raw[b"missed"])
+            if not topics or not all(isinstance(t, str) and t for t in topics):
+                raise ValueError("bad topics")
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
+            log.warning("redis hub: skipping a malformed gap entry: %s", exc)
+            return
+        data = error_event_data(
+            "missed_events",
+            f"{missed} events of this topic were lost while Redis was unreachable",
+            retryable=False,
+        )
+        self.local.announce(topics, Frame.of(encode_event(data, event="error")))
+
     def _decode(self, raw: dict[bytes, bytes]) -> Update | None:
         try:
             event_id = raw[b"id"].decode()
@@ -258,19 +293,66 @@ class RedisHub:
     def dispatch(self, update: Update) -> None:
         """Deliver here at once (no round trip on the token path), forward in order."""
         self.local.dispatch(update)
-        self._outbox.put_nowait(update)
+        self._outbox.append(update)
+        self.outbox_held += update.frame.size + ENTRY_OVERHEAD
+        if self.outbox_held > self.outbox_bytes:
+            self._overflow()
+        self._outbox_ready.set()
+
+    def _overflow(self) -> None:
+        """Drop the oldest waiting updates until the outbox fits its bound again; what
+        each topic lost is told to the other instances once Redis is back."""
+        outbox = self._outbox
+        first = not self._overflowing
+        self._overflowing = True
+        while self.outbox_held > self.outbox_bytes and len(outbox) > 1:
+            lost = outbox.popleft()
+            self.outbox_held -= lost.frame.size + ENTRY_OVERHEAD
+            self._gaps[lost.topics] += 1
+            self.dropped += 1
+        if first:
+            log.warning(
+                "redis hub: outbox over %d bytes while Redis is away: dropping the oldest "
+                "updates for other instances (their readers will be told)",
+                self.outbox_bytes,
+            )
+
+    def _next_batch(self) -> list[Update]:
+        outbox = self._outbox
+        batch: list[Update] = []
+        size = 0
+        while outbox and len(batch) < READ_COUNT and size < BATCH_BYTES:
+            update = outbox.popleft()
+            weight = update.frame.size + ENTRY_OVERHEAD
+            self.outbox_held -= weight
+            size += weight
+            batch.append(update)
+        return batch
+
+    def _gap_fields(self, topics: tuple[str, ...], missed: int) -> dict[FieldT, EncodableT]:
+        return {"origin": self.instance, "gap": json.dumps(topics), "missed": missed}
 
     async def _write_forever(self) -> None:
         delay = 0
         while True:
-            update = await self._outbox.get()
-            batch = [update]
-            while not self._outbox.empty() and len(batch) < READ_COUNT:
-                batch.append(self._outbox.get_nowait())
+            if not self._outbox and not self._gaps:
+                self._outbox_ready.clear()
+                await self._outbox_ready.wait()
+            # Updates dropped so far are older than every update still waiting: their gap
+            # entries go first, in the same pipelined write.
+            gaps, self._gaps = self._gaps, Counter()
+            batch = self._next_batch()
             while True:
                 try:
                     assert self._redis is not None
                     async with self._redis.pipeline(transaction=False) as pipe:
+                        for topics, missed in gaps.items():
+                            pipe.xadd(
+                                self.stream_key,
+                                self._gap_fields(topics, missed),
+                                maxlen=self.max_len,
+                                approximate=True,
+                            )
                         for item in batch:
                             pipe.xadd(
                                 self.stream_key,
@@ -280,6 +362,7 @@ class RedisHub:
                             )
                         await pipe.execute()
                     delay = 0
+                    self._overflowing = False
                     break
                 except CONNECTION_ERRORS as exc:
                     log.warning("redis hub: forwarding failed (%s), retrying", exc)
@@ -332,6 +415,9 @@ class RedisHub:
                 for entry_id, raw in entries:
                     self._last_entry = entry_id.decode()
                     if raw.get(b"origin", b"").decode() == self.instance:
+                        continue
+                    if b"gap" in raw:
+                        self._tell_gap(raw)
                         continue
                     update = self._decode(raw)
                     if update is not None:
