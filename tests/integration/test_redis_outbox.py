@@ -4,8 +4,12 @@ oldest are dropped past the bound, and once Redis is back the readers on other i
 are told of the gap (``event: error`` ``missed_events``) between what arrived before and
 what arrives after — never a silent gap, never unbounded memory.
 
-Two ``RedisHub``s in this process (instances A and B) on one real redis-server that is
-killed and started again on the same port.
+Also: malformed stream entries (and gap entries) are skipped and reading goes on; a hub
+whose Redis is unreachable at start-up starts anyway (not ready, publishes refused, tokens
+delivered locally and kept) and connects and forwards once Redis is there.
+
+``RedisHub``s in this process on a real redis-server, killed and started again on the
+same port.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import pytest
 from sseserver.hub.base import Subscription
 from sseserver.hub.redis import ENTRY_OVERHEAD, RedisHub
 from sseserver.wire.chunked import Frame
+from tests.support.procs import free_port
 from tests.support.redis_server import redis_running
 from tests.support.sse_parser import Event, parse
 from tests.support.waits import eventually
@@ -111,3 +116,61 @@ async def test_outbox_is_bounded_and_other_instances_hear_of_the_gap(tmp_path: P
     assert before_gap and after_gap
     assert int(after_gap[0].last_event_id[1:]) - int(before_gap[-1].last_event_id[1:]) - 1 == missed
     print(f"\n[outbox] {total} updates in the outage, {missed} dropped, peak {most} B held")
+
+
+async def test_malformed_entries_are_skipped_and_reading_goes_on(tmp_path: Path) -> None:
+    with redis_running(tmp_path / "redis") as redis:
+        a = RedisHub(redis.url)
+        b = RedisHub(redis.url)
+        await a.start()
+        await b.start()
+        try:
+            there = Reader()
+            b.attach(Subscription(there, TOPIC))  # type: ignore[arg-type]
+            client = b.redis
+            assert client is not None
+            for fields in (
+                {"origin": "elsewhere", "id": "bad1"},  # no topics, no bytes
+                {"origin": "elsewhere", "id": "bad2", "topics": "not json", "sse": "x"},
+                {"origin": "elsewhere", "id": "bad3", "topics": "[1]", "sse": "x"},
+                {"origin": "elsewhere", "gap": "[]", "missed": "3"},
+                {"origin": "elsewhere", "gap": json.dumps(TOPIC), "missed": "many"},
+            ):
+                await client.xadd(b.stream_key, fields)  # type: ignore[arg-type]
+            publish(a, 1)
+
+            def arrived() -> bool:
+                return any(e.last_event_id == "u1" for e in there.events())
+
+            await eventually(arrived, 5, "the good update after the bad entries")
+            assert [e.type for e in there.events()] == ["message"]
+            assert b.ready
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+
+async def test_redis_unreachable_at_start_then_there(tmp_path: Path) -> None:
+    port = free_port()
+    hub = RedisHub(f"redis://127.0.0.1:{port}/0")
+    await hub.start()  # does not raise: the server starts, not ready
+    try:
+        assert not hub.ready
+        here = Reader()
+        hub.attach(Subscription(here, TOPIC))  # type: ignore[arg-type]
+        with pytest.raises(ConnectionError):
+            await hub.publish(TOPIC, "refused", id="p0")
+        publish(hub, 1)  # a generation's token: delivered here, kept for Redis
+        assert [e.last_event_id for e in here.events()] == ["u1"]
+        with redis_running(tmp_path / "redis", port=port) as redis:
+            await eventually(lambda: hub.ready, 10, "the hub connected")
+            client = hub.redis
+            assert client is not None
+
+            async def forwarded() -> bool:
+                return bool(await client.xlen(hub.stream_key))
+
+            await eventually(forwarded, 10, "the kept token forwarded to Redis")
+            assert redis.running
+    finally:
+        await hub.aclose()
