@@ -133,6 +133,7 @@ class Generations:
         """Let readers on other instances keep generations alive and cancel them."""
         self.presence = presence
         presence.on_cancel = self._cancel_asked_elsewhere
+        presence.running = self._running.keys
 
     def _cancel_asked_elsewhere(self, generation_id: str) -> None:
         gen = self._running.get(generation_id)

@@ -6,7 +6,9 @@ two, the producing instance sees its last local viewer leave and abandons the up
 call while that reader still watches. So an instance that has such followers keeps a
 short-lived key per generation alive (one shared refresh task, not one per reader), and
 the producing instance looks for it before abandoning. A cancel asked of an instance
-that does not run the generation is published on a channel every instance listens to.
+that does not run the generation is published on a channel every instance listens to,
+and left as a short-lived key too: an instance whose listener was reconnecting when the
+message went out (pub/sub keeps nothing) finds it when it subscribes again.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -25,6 +27,8 @@ log = logging.getLogger("sseserver.hub")
 
 VIEWERS_KEY = "sseserver:viewers:{}"
 CANCEL_CHANNEL = "sseserver:cancel"
+CANCEL_KEY = "sseserver:cancel:{}"
+CANCEL_KEY_TTL_MS = 60_000  # long enough for any listener to come back
 CLOSE_WAIT_S = 1.0
 ERRORS = (RedisError, ConnectionError, OSError, TimeoutError)
 
@@ -39,6 +43,8 @@ class RedisPresence:
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: set[asyncio.Task[Any]] = set()
         self.on_cancel: Callable[[str], None] | None = None
+        # The generations this instance runs (asked after the listener reconnects).
+        self.running: Callable[[], Iterable[str]] = tuple
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -100,7 +106,20 @@ class RedisPresence:
         client = self._client()
         if client is None:
             raise ConnectionError("redis is not connected")
-        await client.publish(CANCEL_CHANNEL, generation_id)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.set(CANCEL_KEY.format(generation_id), 1, px=CANCEL_KEY_TTL_MS)
+            pipe.publish(CANCEL_CHANNEL, generation_id)
+            await pipe.execute()
+
+    async def _cancels_missed(self, client: Any) -> None:
+        """Cancels sent while this listener was away: their keys, for what runs here."""
+        running = list(self.running())
+        if not running or self.on_cancel is None:
+            return
+        marks = await client.mget([CANCEL_KEY.format(gen_id) for gen_id in running])
+        for gen_id, mark in zip(running, marks, strict=True):
+            if mark is not None and self.on_cancel is not None:
+                self.on_cancel(gen_id)
 
     async def _listen_forever(self) -> None:
         while True:
@@ -110,6 +129,7 @@ class RedisPresence:
                     raise ConnectionError("redis is not connected")
                 async with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(CANCEL_CHANNEL)
+                    await self._cancels_missed(client)
                     async for message in pubsub.listen():
                         if message.get("type") == "message" and self.on_cancel is not None:
                             data = message["data"]

@@ -318,6 +318,57 @@ async def test_cancel_asked_of_b_stops_the_generation_on_a(tmp_path: Path) -> No
         assert missing.status == 404
 
 
+async def test_cancel_while_redis_is_down_is_503_then_works_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """A cancel that cannot reach the instance running the generation says so (503), never
+    a false 200; once Redis is back both instances' cancel channels reconnect and the
+    same request stops the generation."""
+    with (
+        redis_running(tmp_path / "redis") as redis,
+        sseserver_running(tmp_path, *server_args(redis), name="a") as a,
+        sseserver_running(tmp_path, *server_args(redis), name="b") as b,
+    ):
+        client, resp, reader = await open_stream(a.port, "/v1/stream?tokens=100000&interval_ms=20")
+        async with client:
+            assert resp.status == 200
+            await reader.until(lambda r: len(r.parser.events) >= 3)
+            gen_id = json.loads(reader.parser.events[0].data)["id"]
+            target = f"/v1/streams/{gen_id}/cancel"
+            for _ in range(200):  # B knows it once its first events came through Redis
+                watcher, watched, _ = await open_stream(b.port, f"/v1/streams/{gen_id}")
+                await watcher.close()
+                if watched.status == 200:
+                    break
+                await asyncio.sleep(0.02)
+            assert watched.status == 200, watched.status
+
+            redis.kill()
+            await await_status(b.port, "/readyz", 503, 10)
+            down = await request(b.port, "POST", target)
+            assert down.status == 503, down.body
+            assert json.loads(down.body)["error"]["code"] == "hub_unavailable"
+            # The generation went on meanwhile on A (its reader saw no error).
+            count = len(reader.parser.events)
+            await reader.until(lambda r: len(r.parser.events) > count + 2)
+            assert all(e.type != "error" for e in reader.parser.events)
+
+            redis.start()
+            await await_status(a.port, "/readyz", 200, 15)
+            await await_status(b.port, "/readyz", 200, 15)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:  # until both cancel channels are back
+                answer = await request(b.port, "POST", target)
+                if answer.status == 200 or reader.parser.events[-1].data == "[DONE]":
+                    break
+                await asyncio.sleep(0.1)
+            await reader.rest(within=15)
+        events = reader.parser.events  # every event the body carried
+        errors = [json.loads(e.data) for e in events if e.type == "error"]
+        assert [e["code"] for e in errors] == ["cancelled"], logs(a, b)
+        assert events[-1].data == "[DONE]"
+
+
 async def test_a_generation_stays_its_owners_across_instances(tmp_path: Path) -> None:
     """SPEC §9 with two instances: the owner travels with the generation's first event
     through Redis, so B answers bob as for an unknown id and alice as her own."""
