@@ -13,8 +13,10 @@ import math
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from redis.exceptions import RedisError
 
 from ..config import Rate
 from ..http.request import Request
@@ -23,6 +25,10 @@ MAX_TRACKED_KEYS = 100_000  # bound the table against a flood of distinct addres
 LEASE_S = 30.0  # a shared stream slot outlives its instance by at most this long
 
 log = logging.getLogger("sseserver")
+
+# What a Redis call can fail with: the client's errors and the socket's. Anything else is
+# a bug and is not swallowed.
+REDIS_ERRORS = (RedisError, ConnectionError, OSError, TimeoutError)
 
 # Drop expired leases, then take one if fewer than the limit are held (atomically).
 _ACQUIRE = """
@@ -74,23 +80,41 @@ class WindowLimiter:
     """``rate.count`` requests per ``rate.window_s``, as a sliding window estimated from
     two fixed windows (the current one, and the previous one weighted by overlap)."""
 
-    def __init__(self, rate: Rate, redis: Any = None, prefix: str = "sseserver:rl:") -> None:
+    def __init__(
+        self,
+        rate: Rate,
+        redis: Any = None,
+        prefix: str = "sseserver:rl:",
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.rate = rate
         self._redis = redis
         self._prefix = prefix
+        self._clock = clock  # wall time: windows are shared by instances on other hosts
         self._windows: OrderedDict[str, tuple[int, int, int]] = OrderedDict()
+        self.fallbacks = 0  # requests counted here because Redis could not be asked
+        self._falling_back = False
 
     async def hit(self, key: str) -> float:
-        """Count one request; 0 when allowed, else the seconds to wait (Retry-After)."""
+        """Count one request; 0 when allowed, else the seconds to wait (Retry-After).
+        While Redis cannot be asked, each instance counts its own (logged once per
+        outage, counted in ``fallbacks``)."""
         window = self.rate.window_s
-        now = time.time()
+        now = self._clock()
         index = int(now // window)
         elapsed = (now % window) / window
         if self._redis is not None:
             try:
-                return await self._hit_redis(key, index, elapsed, now)
-            except Exception:
-                pass
+                wait = await self._hit_redis(key, index, elapsed, now)
+            except REDIS_ERRORS as exc:
+                self.fallbacks += 1
+                if not self._falling_back:
+                    self._falling_back = True
+                    log.warning("rate limit: redis unavailable, counting locally: %s", exc)
+            else:
+                self._falling_back = False
+                return wait
         current, previous = self._local(key, index)
         estimate = previous * (1 - elapsed) + current
         if estimate >= self.rate.count:
@@ -143,8 +167,11 @@ class ConcurrencyLimiter:
         *,
         lease_s: float = LEASE_S,
         prefix: str = "sseserver:streams:",
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.limit = limit
+        self._clock = clock
+        self.fallbacks = 0  # streams counted here because Redis could not be asked
         self._redis = redis
         self.lease_s = lease_s
         self._prefix = prefix
@@ -161,13 +188,14 @@ class ConcurrencyLimiter:
         if self._redis is not None:
             member = f"{self._instance}:{next(self._ids)}"
             redis_key = self._prefix + key
-            now = time.time()
+            now = self._clock()
             try:
                 taken = await self._acquire_script(
                     keys=[redis_key],
                     args=[now, self.limit, now + self.lease_s, member, int(self.lease_s * 2000)],
                 )
-            except Exception as exc:  # any Redis failure: count locally
+            except REDIS_ERRORS as exc:  # Redis away: count locally
+                self.fallbacks += 1
                 log.warning("stream limit: redis unavailable, counting locally: %s", exc)
             else:
                 if not taken:
@@ -199,7 +227,7 @@ class ConcurrencyLimiter:
     async def _give_back(self, redis_key: str, member: str) -> None:
         try:
             await self._redis.zrem(redis_key, member)
-        except Exception:  # the lease runs out by itself
+        except REDIS_ERRORS:  # the lease runs out by itself
             pass
 
     def _start_renewing(self) -> None:
@@ -211,14 +239,14 @@ class ConcurrencyLimiter:
         """One task renews every lease this instance holds (not one timer per stream)."""
         while self._leases:
             await asyncio.sleep(self.lease_s / 3)
-            expiry = time.time() + self.lease_s
+            expiry = self._clock() + self.lease_s
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for member, redis_key in list(self._leases.items()):
                         pipe.zadd(redis_key, {member: expiry}, xx=True)
                         pipe.pexpire(redis_key, int(self.lease_s * 2000))
                     await pipe.execute()
-            except Exception as exc:  # retried at the next round
+            except REDIS_ERRORS as exc:  # retried at the next round
                 log.warning("stream limit: cannot renew leases: %s", exc)
 
     async def aclose(self) -> None:
