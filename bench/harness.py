@@ -44,11 +44,15 @@ def http_get(
     port: int, target: str, timeout: float = 5.0, accept: str = "*/*"
 ) -> tuple[int, bytes]:
     """A blocking HTTP/1.1 GET that reads until the server closes (Connection: close)."""
+    head = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {accept}\r\n"
+    return _exchange(port, head, b"", timeout)
+
+
+def _exchange(port: int, head: str, body: bytes, timeout: float) -> tuple[int, bytes]:
+    """Send ``head`` (its fields, less ``Connection``) and ``body``, read until the server
+    closes; the status and everything read, head included (0: no status line)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(
-            f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {accept}\r\n"
-            "Connection: close\r\n\r\n".encode()
-        )
+        s.sendall((head + "Connection: close\r\n\r\n").encode() + body)
         data = b""
         while True:
             chunk = s.recv(65536)
@@ -72,23 +76,11 @@ def http_post(
     """A blocking HTTP/1.1 POST of a JSON body that reads until the server closes
     (Connection: close); the status and everything read, head included."""
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(
-            f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {accept}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}"
-            "Connection: close\r\n\r\n".encode()
-            + body
-        )
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    try:
-        return int(data[9:12]), data
-    except ValueError:
-        return 0, data
+    head = (
+        f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {accept}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}"
+    )
+    return _exchange(port, head, body, timeout)
 
 
 def peek_stream(port: int, target: str, timeout: float = 5.0) -> int:

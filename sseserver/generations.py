@@ -25,7 +25,14 @@ from typing import Any, cast
 from .http.stream import EventStream
 from .hub.base import Hub, Subscription
 from .hub.presence import RedisPresence
-from .providers.base import Feed, GenerationRequest, Provider, ProviderError, Pushes, pushes
+from .providers.base import (
+    Feed,
+    GenerationRequest,
+    Provider,
+    ProviderError,
+    Pushes,
+    implements,
+)
 from .wire import ids
 from .wire.chunked import Frame
 from .wire.errors import ClientGone, error_event_data
@@ -187,7 +194,7 @@ class Generations:
             event="start",
             owner=owner,
         )
-        if pushes(type(provider)):
+        if implements(type(provider), Pushes):
             try:
                 gen.feed = cast(Pushes, provider).push(request, _Sink(self, gen))
             except ProviderError as exc:
@@ -307,9 +314,8 @@ class Generations:
         )
         self.hub.dispatch(update)
 
-    # pushed: called from the provider's callbacks ----------------------------------------
-
-    def _delta(self, gen: Generation, text: str) -> None:
+    def _publish_text(self, gen: Generation, text: str) -> None:
+        """One delta of the answer, pushed or pulled: the token path."""
         if gen.first_at is None:
             gen.first_at = time.monotonic()
             gen.ttft_ms = (gen.first_at - gen.started_at) * 1000
@@ -319,15 +325,25 @@ class Generations:
         event_id = f"{gen.id}:{gen.seq}"
         hub = self.hub
         hub.dispatch(hub.update_of(gen.topics, event_id, _text_frame(event_id, text)))
-        if not gen.held:
-            for reader in gen.viewers:  # a paused throttler holds the upstream
-                if reader.paused and reader.on_full == "wait":
-                    self._hold(gen, reader)
-                    break
+
+    @staticmethod
+    def _behind(gen: Generation) -> EventStream | None:
+        """A reader that throttles the upstream and is behind now, if any."""
+        for reader in gen.viewers:
+            if reader.paused and reader.on_full == "wait":
+                return reader
+        return None
+
+    # pushed: called from the provider's callbacks ----------------------------------------
+
+    def _delta(self, gen: Generation, text: str) -> None:
+        self._publish_text(gen, text)
+        if not gen.held and (reader := self._behind(gen)) is not None:
+            self._hold(gen, reader)  # a paused throttler holds the upstream
 
     def _hold(self, gen: Generation, reader: EventStream) -> None:
         feed = gen.feed
-        if feed is None:
+        if feed is None:  # ended (or crashed) inside the delta that found the reader
             return
         gen.held = True
         feed.pause()
@@ -338,11 +354,11 @@ class Generations:
         gen.held = False
         if gen.finished or gen.feed is None:
             return
-        for reader in gen.viewers:
-            if reader.paused and reader.on_full == "wait":
-                self._hold(gen, reader)
-                return
-        gen.feed.resume()
+        reader = self._behind(gen)
+        if reader is not None:
+            self._hold(gen, reader)
+        else:
+            gen.feed.resume()
 
     def _pushed_end(self, gen: Generation, error: ProviderError | None) -> None:
         if gen.finished:
@@ -387,11 +403,9 @@ class Generations:
                 async for delta in deltas:
                     if not delta.text:
                         continue
-                    self._delta(gen, delta.text)
-                    for reader in gen.viewers:  # a paused throttler holds the upstream
-                        if reader.paused and reader.on_full == "wait":
-                            await self._wait_for_readers(gen)
-                            break
+                    self._publish_text(gen, delta.text)
+                    if self._behind(gen) is not None:  # a paused throttler holds the upstream
+                        await self._wait_for_readers(gen)
         except ProviderError as exc:
             error = _failure(exc)
         except asyncio.CancelledError:

@@ -248,19 +248,8 @@ class Pushes(Protocol):
 
 
 @functools.cache
-def pushes(kind: type) -> bool:
-    """Whether providers of ``kind`` push (``Pushes``), asked once per class: a runtime
-    protocol check walks the protocol's members each time, per request."""
-    return issubclass(kind, Pushes)
-
-
-@functools.cache
-def relays(kind: type) -> bool:
-    """Whether providers of ``kind`` relay (``Relay``), asked once per class."""
-    return issubclass(kind, Relay)
-
-
-@functools.cache
-def piped(kind: type) -> bool:
-    """Whether answers of ``kind`` can be pushed (``PipedAnswer``), asked once per class."""
-    return issubclass(kind, PipedAnswer)
+def implements(kind: type, protocol: type) -> bool:
+    """Whether objects of ``kind`` implement a runtime-checkable ``protocol`` (``Pushes``,
+    ``Relay``, ``PipedAnswer``), asked once per class: an ``isinstance`` check against a
+    protocol walks its members every time, per request."""
+    return issubclass(kind, protocol)

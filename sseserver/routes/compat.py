@@ -29,8 +29,7 @@ from ..providers.base import (
     RawAnswer,
     Relay,
     Usage,
-    piped,
-    relays,
+    implements,
     retry_after,
     status_error,
 )
@@ -136,7 +135,7 @@ def register(app: Application, ctx: Context) -> None:
         body = json_body(request)
         provider_name, model = _pick_provider(ctx, body)
         chosen = ctx.provider(provider_name) if isinstance(provider_name, str | None) else None
-        if chosen is not None and relays(type(chosen)) and "sseserver" not in body:
+        if chosen is not None and implements(type(chosen), Relay) and "sseserver" not in body:
             await _relay(ctx, stream, chosen, body, model)
             return
         params = {k: body[k] for k in ("temperature", "max_tokens") if body.get(k) is not None}
@@ -405,7 +404,7 @@ async def _relay_stream(stream: EventStream, answer: RawAnswer, tally: _Tally) -
         return "abandoned"
     reading = _Reading(tally)
     error: ProviderError | None = None
-    if piped(type(answer)):
+    if implements(type(answer), PipedAnswer):
         error = await _pipe(stream, cast(PipedAnswer, answer), reading)
     else:
         try:

@@ -31,6 +31,7 @@ from tests.support.rawhttp import (
     open_stream,
     read_until_id,
     seq_of,
+    start_generation,
     text_of,
 )
 from tests.support.redis_server import (
@@ -329,11 +330,11 @@ async def test_cancel_while_redis_is_down_is_503_then_works_once_it_is_back(
         sseserver_running(tmp_path, *server_args(redis), name="a") as a,
         sseserver_running(tmp_path, *server_args(redis), name="b") as b,
     ):
-        client, resp, reader = await open_stream(a.port, "/v1/stream?tokens=100000&interval_ms=20")
+        client, reader, gen_id = await start_generation(
+            a.port, "/v1/stream?tokens=100000&interval_ms=20"
+        )
         async with client:
-            assert resp.status == 200
             await reader.until(lambda r: len(r.parser.events) >= 3)
-            gen_id = json.loads(reader.parser.events[0].data)["id"]
             target = f"/v1/streams/{gen_id}/cancel"
             for _ in range(200):  # B knows it once its first events came through Redis
                 watcher, watched, _ = await open_stream(b.port, f"/v1/streams/{gen_id}")
