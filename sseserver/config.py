@@ -99,6 +99,13 @@ class Config:
     jwt_public_key: str | None = None
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
+    # With JWT on, subscribers without a token may still receive public updates (§8).
+    anonymous: bool = False
+    # The address clients use (behind nginx it differs from the listening one); the
+    # Mercure hub's resource identifier is it + /.well-known/mercure.
+    public_url: str | None = None
+    # Serve the scripted wire scenarios of /v1/test/stream (§6): never on by default.
+    test_endpoints: bool = False
     cors_origins: tuple[str, ...] = ()
     rate: Rate | None = None
     max_streams_per_subject: int = 0  # 0 = no cap
@@ -138,6 +145,8 @@ class Config:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative")
+        if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
+            raise ValueError("--public-url must be an http:// or https:// URL")
         if not 0 < self.port < 65536 and self.port != 0:
             raise ValueError("--port must be 0..65535")
         if self.log_format not in ("text", "json"):
@@ -196,12 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(defaults, f.name)
         env = "SSESERVER_" + f.name.upper()
         shown = "none" if default in (None, ()) else default
+        switch: dict[str, object] = {}
+        if isinstance(default, bool):  # a switch: `--flag` alone turns it on
+            shown = "on" if default else "off"
+            switch = {"nargs": "?", "const": True}
         parser.add_argument(
             flag,
             dest=f.name,
             type=_converter(f.name, default),  # type: ignore[arg-type]
             default=None,
             help=f"(env {env}; default {shown})",
+            **switch,  # type: ignore[arg-type]
         )
     return parser
 

@@ -189,6 +189,13 @@ class Hub(Protocol):
         (updates replayed, whether ``last_event_id`` was found)."""
         ...
 
+    async def fetch(self, topics: tuple[str, ...] | None) -> None:
+        """Make the history of ``topics`` (None: of every topic) present here, and keep
+        it current while readers here want it. Subscribing does it by itself; a caller
+        that reads history first (``get``, ``knows``, ``held``) asks for it. A hub that
+        holds everything has nothing to do."""
+        ...
+
     def replay(
         self, subscription: Subscription, last_event_id: str | None
     ) -> tuple[list[Update], bool]: ...

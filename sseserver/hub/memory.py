@@ -458,6 +458,17 @@ class MemoryHub:
 
     # -- lookups and closing ------------------------------------------------------------
 
+    async def fetch(self, topics: tuple[str, ...] | None) -> None:
+        """Everything published here is held here: nothing to bring in."""
+
+    def keep(self, update: Update) -> None:
+        """Hold ``update`` in history without writing it to anyone: an event from before
+        the readers here arrived (a shared hub loading a topic's past)."""
+        if self._pending:
+            self.flush()
+        if update.id not in self._by_id:
+            self._remember(update)
+
     async def knows(self, event_id: str, within_s: float) -> bool:
         """Whether ``event_id`` is held. Here that is known at once; a hub fed by other
         instances waits up to ``within_s`` for an update still on its way."""

@@ -104,6 +104,9 @@ OPTIONS: dict[str, tuple[str, Any, str, Any]] = {
     "log_format": ("json", "json", "text", "text"),
     "loop": ("asyncio", "asyncio", "uvloop", "uvloop"),
     "static_dir": ("/srv/static", "/srv/static", "/opt/www", "/opt/www"),
+    "anonymous": ("true", True, "1", True),
+    "public_url": ("https://example.com", "https://example.com", "http://a.test", "http://a.test"),
+    "test_endpoints": ("yes", True, "on", True),
 }
 
 
@@ -416,3 +419,15 @@ def test_upstream_clients_match_the_provider_registry() -> None:
     }
     assert Config().openai_client == UPSTREAM_CLIENTS["openai"][0]
     assert Config().gemini_client == UPSTREAM_CLIENTS["gemini"][0]
+
+
+@pytest.mark.parametrize("name", ["anonymous", "test_endpoints"])
+def test_a_switch_needs_no_value(name: str) -> None:
+    assert getattr(load_config([_flag(name)], {}), name) is True
+    assert getattr(load_config([_flag(name), "false"], {}), name) is False
+    assert getattr(load_config([], {}), name) is False
+
+
+def test_public_url_must_be_http() -> None:
+    with pytest.raises(ValueError, match="public-url"):
+        load_config(["--public-url", "example.com"], {})
