@@ -191,6 +191,7 @@ def register(app: Application, ctx: Context) -> None:
         the caller's to see)."""
         hub = ctx.hub
         topic = topic_of(gen_id)
+        await hub.fetch((topic,))
         last = f"{gen_id}:{after_seq}" if after_seq >= 0 else EARLIEST
         if last == EARLIEST:
             if not hub.held(topic):
@@ -281,6 +282,8 @@ def register(app: Application, ctx: Context) -> None:
         """A generation another instance runs (its events are in the hub's mirror)."""
         topic = topic_of(gen_id)
         presence = generations.presence
+        if presence is not None:
+            await ctx.hub.fetch((topic,))
         if (
             presence is None
             or not ctx.hub.held(topic)

@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from sseserver.hub.base import Subscription
-from sseserver.hub.redis import ENTRY_OVERHEAD, RedisHub
+from sseserver.hub.redis import RedisHub
+from sseserver.hub.redis_outbox import ENTRY_OVERHEAD
+from sseserver.hub.redis_wire import channel_of, encode_entry, encode_gap, stream_key
 from sseserver.wire.chunked import Frame
 from tests.support.procs import free_port
 from tests.support.redis_server import redis_running
@@ -68,7 +70,7 @@ async def test_outbox_is_bounded_and_other_instances_hear_of_the_gap(tmp_path: P
         try:
             here, there = Reader(), Reader()
             a.attach(Subscription(here, TOPIC))  # type: ignore[arg-type]
-            b.attach(Subscription(there, TOPIC))  # type: ignore[arg-type]
+            await b.subscribe(Subscription(there, TOPIC), None)  # type: ignore[arg-type]
             publish(a, 0)
             await eventually(lambda: len(there.events()) == 1, 5, "u0 reached B")
 
@@ -78,7 +80,7 @@ async def test_outbox_is_bounded_and_other_instances_hear_of_the_gap(tmp_path: P
             most = 0
             for n in range(1, total + 1):
                 publish(a, n)
-                most = max(most, a.outbox_held)
+                most = max(most, a.outbox.held)
             # The bound holds (one update of slack: the newest is always kept).
             assert most <= OUTBOX_BYTES + len(PAYLOAD) + 40 + ENTRY_OVERHEAD, most
             assert a.dropped > 0
@@ -119,31 +121,44 @@ async def test_outbox_is_bounded_and_other_instances_hear_of_the_gap(tmp_path: P
 
 
 async def test_malformed_entries_are_skipped_and_reading_goes_on(tmp_path: Path) -> None:
+    """Entries this hub did not write, in a topic's stream (read as history) and on its
+    channel (read live), are skipped with a warning; good entries around them arrive."""
+    good = encode_entry("elsewhere", TOPIC, "h1", b"id: h1\ndata: early\n\n")
+    bad = [
+        b"no header line",
+        b"not json\n" + b"data: x\n\n",
+        b"[1]\n",
+        json.dumps({"o": "elsewhere", "t": [1], "i": "bad3"}).encode() + b"\nx",
+        json.dumps({"o": "elsewhere", "t": list(TOPIC), "i": ""}).encode() + b"\nx",
+        json.dumps({"o": "elsewhere", "t": list(TOPIC), "gap": "many"}).encode() + b"\n",
+        encode_gap("elsewhere", (), 3),
+    ]
     with redis_running(tmp_path / "redis") as redis:
         a = RedisHub(redis.url)
         b = RedisHub(redis.url)
         await a.start()
         await b.start()
         try:
-            there = Reader()
-            b.attach(Subscription(there, TOPIC))  # type: ignore[arg-type]
             client = b.redis
-            assert client is not None
-            for fields in (
-                {"origin": "elsewhere", "id": "bad1"},  # no topics, no bytes
-                {"origin": "elsewhere", "id": "bad2", "topics": "not json", "sse": "x"},
-                {"origin": "elsewhere", "id": "bad3", "topics": "[1]", "sse": "x"},
-                {"origin": "elsewhere", "gap": "[]", "missed": "3"},
-                {"origin": "elsewhere", "gap": json.dumps(TOPIC), "missed": "many"},
-            ):
-                await client.xadd(b.stream_key, fields)  # type: ignore[arg-type]
+            key, channel = stream_key(TOPIC[0]), channel_of(TOPIC[0])
+            for raw in [*bad, good]:
+                await client.xadd(key, {"m": raw})
+            await client.xadd(key, {"other": "field"})
+            there = Reader()
+            await b.subscribe(Subscription(there, TOPIC), "earliest")  # type: ignore[arg-type]
+            assert [e.last_event_id for e in there.events()] == ["h1"]
+            for raw in bad:  # as a writer would: in the stream, then on the channel
+                entry_id = await client.xadd(key, {"m": raw})
+                await client.spublish(channel, entry_id + b" " + raw)
+            for message in (b"", b"no-stream-id", b"x-y " + good):
+                await client.spublish(channel, message)
             publish(a, 1)
 
             def arrived() -> bool:
                 return any(e.last_event_id == "u1" for e in there.events())
 
             await eventually(arrived, 5, "the good update after the bad entries")
-            assert [e.type for e in there.events()] == ["message"]
+            assert [e.last_event_id for e in there.events()] == ["h1", "u1"]
             assert b.ready
         finally:
             await a.aclose()
@@ -168,7 +183,7 @@ async def test_redis_unreachable_at_start_then_there(tmp_path: Path) -> None:
             assert client is not None
 
             async def forwarded() -> bool:
-                return bool(await client.xlen(hub.stream_key))
+                return bool(await client.xlen(stream_key(TOPIC[0])))
 
             await eventually(forwarded, 10, "the kept token forwarded to Redis")
             assert redis.running

@@ -1,0 +1,228 @@
+"""Updates on their way to Redis: one pipelined write per loop iteration, bounded in bytes.
+
+Generation tokens are delivered locally at once and queued here for the other instances;
+a Mercure publish is queued with a future and answered when Redis has it. One writer task
+takes whatever the iteration queued and sends it as one pipeline (one round trip), so a
+burst of tokens costs a round trip, not one per token.
+
+While Redis is away, tokens keep arriving: the queue is bounded in bytes (``limit``) and
+past it the oldest are dropped and counted per topic; once Redis is back a gap entry goes
+out in their place, which other instances tell their readers as ``missed_events``.
+Publishes are never queued across an outage: they fail at once (503) instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from .base import Update
+from .redis_wire import (
+    APPEND_SCRIPT,
+    channel_of,
+    encode_entry,
+    encode_gap,
+    stream_key,
+)
+
+log = logging.getLogger("sseserver.hub")
+
+MiB = 1024 * 1024
+LIMIT_BYTES = 64 * MiB  # updates waiting for Redis, beyond the batch being written
+BATCH_BYTES = 1 * MiB  # one pipelined write at most (so in flight is bounded too)
+BATCH_UPDATES = 1000
+ENTRY_OVERHEAD = 200  # a queued update's own weight besides its frame, measured roughly
+RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0)  # then every 1 s
+CONNECTION_ERRORS = (RedisError, ConnectionError, OSError, TimeoutError)
+
+
+@dataclass(slots=True)
+class Shape:
+    """What the streams keep: entries per topic and for the firehose, and how long an
+    idle topic's stream lives."""
+
+    topic_len: int
+    firehose_len: int
+    idle_ms: int
+
+
+@dataclass(slots=True)
+class _Item:
+    update: Update
+    acked: asyncio.Future[None] | None  # a publish waiting for Redis; None for a token
+    firehose: bool
+
+
+class Outbox:
+    """The queue and its writer task."""
+
+    def __init__(
+        self,
+        client: Callable[[], Any],
+        origin: str,
+        shape: Shape,
+        *,
+        limit: int = LIMIT_BYTES,
+    ) -> None:
+        self._client = client
+        self.origin = origin
+        self.shape = shape
+        self.limit = limit
+        self.held = 0  # bytes of the queued updates
+        self.dropped = 0  # updates that never reached Redis (the queue overflowed)
+        self.writes = 0  # pipelines sent
+        self._queue: deque[_Item] = deque()
+        self._ready = asyncio.Event()
+        self._gaps: Counter[tuple[str, ...]] = Counter()  # dropped, per topics, untold
+        self._overflowing = False  # dropping since the last write that went through
+
+    # -- queueing ------------------------------------------------------------------------
+
+    def put(self, update: Update) -> None:
+        """Queue a token for the other instances (local readers already have it)."""
+        self._queue.append(_Item(update, None, False))
+        self.held += update.frame.size + ENTRY_OVERHEAD
+        if self.held > self.limit:
+            self._overflow()
+        self._ready.set()
+
+    def put_acked(self, update: Update) -> asyncio.Future[None]:
+        """Queue a publish; the future is done when Redis holds it, failed when it could
+        not be written (the caller answers 503)."""
+        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Item(update, acked, True))
+        self.held += update.frame.size + ENTRY_OVERHEAD
+        self._ready.set()
+        return acked
+
+    def _overflow(self) -> None:
+        """Drop the oldest waiting tokens until the queue fits its bound again; what each
+        topic lost is told to the other instances once Redis is back."""
+        queue = self._queue
+        first = not self._overflowing
+        self._overflowing = True
+        while self.held > self.limit and len(queue) > 1:
+            lost = queue.popleft()
+            self.held -= lost.update.frame.size + ENTRY_OVERHEAD
+            if lost.acked is not None:
+                if not lost.acked.done():
+                    lost.acked.set_exception(ConnectionError("redis unavailable"))
+                continue
+            self._gaps[lost.update.topics] += 1
+            self.dropped += 1
+        if first:
+            log.warning(
+                "redis hub: outbox over %d bytes while Redis is away: dropping the oldest "
+                "updates for other instances (their readers will be told)",
+                self.limit,
+            )
+
+    def _next_batch(self) -> list[_Item]:
+        queue = self._queue
+        batch: list[_Item] = []
+        size = 0
+        while queue and len(batch) < BATCH_UPDATES and size < BATCH_BYTES:
+            item = queue.popleft()
+            weight = item.update.frame.size + ENTRY_OVERHEAD
+            self.held -= weight
+            size += weight
+            batch.append(item)
+        return batch
+
+    # -- writing -------------------------------------------------------------------------
+
+    def _calls(self, batch: list[_Item], gaps: Counter[tuple[str, ...]]) -> list[tuple[Any, ...]]:
+        """The script calls for a batch: (stream key, max length, entry, channel) each.
+        Gaps go first: the updates they stand for are older than any still queued."""
+        calls: list[tuple[Any, ...]] = []
+        shape = self.shape
+        for topics, missed in gaps.items():
+            raw = encode_gap(self.origin, topics, missed)
+            for topic in topics:
+                calls.append((stream_key(topic), shape.topic_len, raw, channel_of(topic)))
+        for item in batch:
+            update = item.update
+            raw = encode_entry(
+                self.origin,
+                update.topics,
+                update.id,
+                bytes(update.frame.raw),
+                private=update.private,
+                final=update.final,
+                owner=update.owner,
+                firehose=item.firehose,
+            )
+            for topic in update.topics:
+                calls.append((stream_key(topic), shape.topic_len, raw, channel_of(topic)))
+            if item.firehose:
+                calls.append((stream_key(None), shape.firehose_len, raw, channel_of(None)))
+        return calls
+
+    async def _send(self, calls: list[tuple[Any, ...]]) -> None:
+        """One pipeline of script calls; raises on a connection error. EVAL with the
+        script's text, not EVALSHA: Redis compiles it once and keeps it, a restarted
+        server or a new shard needs no loading first, and cluster pipelines take it."""
+        client = self._client()
+        if client is None:
+            raise ConnectionError("redis is not connected")
+        idle_ms = self.shape.idle_ms
+        async with client.pipeline(transaction=False) as pipe:
+            for key, length, raw, channel in calls:
+                pipe.eval(APPEND_SCRIPT, 1, key, length, raw, channel, idle_ms)
+            results = await pipe.execute(raise_on_error=False)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+
+    async def write_forever(self) -> None:
+        failures = 0
+        while True:
+            if not self._queue and not self._gaps:
+                self._ready.clear()
+                await self._ready.wait()
+            gaps, self._gaps = self._gaps, Counter()
+            batch = self._next_batch()
+            try:
+                await self._send(self._calls(batch, gaps))
+            except CONNECTION_ERRORS as exc:
+                self._failed(batch, gaps, exc)
+                await asyncio.sleep(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)])
+                failures += 1
+                continue
+            self.writes += 1
+            failures = 0
+            self._overflowing = False
+            for item in batch:
+                if item.acked is not None and not item.acked.done():
+                    item.acked.set_result(None)
+
+    def _failed(
+        self, batch: list[_Item], gaps: Counter[tuple[str, ...]], exc: BaseException
+    ) -> None:
+        """Publishes in the batch fail (their callers answer 503: nothing was promised);
+        tokens go back to the front of the queue, in order, to be written once Redis is
+        back (the bound applies to them again)."""
+        if not self._overflowing:
+            log.warning("redis hub: forwarding failed (%s), retrying", exc)
+        self._gaps.update(gaps)
+        for item in reversed(batch):
+            if item.acked is not None:
+                if not item.acked.done():
+                    item.acked.set_exception(ConnectionError(f"redis unavailable: {exc}"))
+                continue
+            self._queue.appendleft(item)
+            self.held += item.update.frame.size + ENTRY_OVERHEAD
+        if self.held > self.limit:
+            self._overflow()
+
+    def fail_waiting(self) -> None:
+        """At shutdown: publishes still queued will not be written."""
+        for item in self._queue:
+            if item.acked is not None and not item.acked.done():
+                item.acked.set_exception(ConnectionError("hub closing"))

@@ -1,0 +1,146 @@
+"""How the Redis hub lays topics out in Redis and what its entries carry.
+
+Each topic is a stream of its own (its history) and a sharded pub/sub channel (its live
+updates), named by a digest of the topic inside a hash tag: the two share one Redis
+Cluster slot, so one script call appends to the stream and publishes on the channel,
+and topics spread over every shard. Updates published through Mercure also go to a
+firehose (a stream and channel like a topic's) for readers whose selectors are patterns.
+
+An entry (the stream's field ``m``, and the channel's message after the entry id) is a
+one-line JSON header and the event's SSE bytes as encoded once by the publisher: readers
+neither encode it again nor keep another copy of its text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
+PREFIX = "sseserver:"
+FIREHOSE = "{firehose}"  # the key-space name of the all-topics stream and channel
+ENTRY_FIELD = "m"
+
+# XADD (trimmed to about ARGV[1] entries) and SPUBLISH of the same entry, with the
+# stream id in front of the message so that readers order live updates against the
+# history they load; then the stream's idle expiry is pushed back. One slot, one call.
+APPEND_SCRIPT = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[2])
+redis.call('SPUBLISH', ARGV[3], id .. ' ' .. ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return id
+"""
+
+
+@lru_cache(maxsize=65536)
+def _slot_tag(topic: str) -> str:
+    """A short, fixed-size hash tag for ``topic`` (topics are URLs of any length)."""
+    return "{" + hashlib.blake2b(topic.encode(), digest_size=10).hexdigest() + "}"
+
+
+def stream_key(topic: str | None) -> str:
+    """The stream holding ``topic``'s history (None: the firehose)."""
+    return f"{PREFIX}{FIREHOSE if topic is None else _slot_tag(topic)}:s"
+
+
+def channel_of(topic: str | None) -> str:
+    """The sharded channel carrying ``topic``'s live updates (None: the firehose)."""
+    return f"{PREFIX}{FIREHOSE if topic is None else _slot_tag(topic)}:c"
+
+
+@dataclass(slots=True)
+class Entry:
+    """One decoded entry: an update or, with ``gap`` set, a count of updates that never
+    reached Redis."""
+
+    origin: str
+    topics: tuple[str, ...]
+    event_id: str = ""
+    sse: bytes = b""
+    private: bool = False
+    final: bool = False
+    owner: str | None = None
+    firehose: bool = False  # a copy went to the firehose too
+    gap: int = 0
+
+
+def encode_entry(
+    origin: str,
+    topics: tuple[str, ...],
+    event_id: str,
+    sse: bytes,
+    *,
+    private: bool = False,
+    final: bool = False,
+    owner: str | None = None,
+    firehose: bool = False,
+) -> bytes:
+    header: dict[str, object] = {"o": origin, "t": topics, "i": event_id}
+    if private:
+        header["p"] = 1
+    if final:
+        header["f"] = 1
+    if owner is not None:
+        header["w"] = owner
+    if firehose:
+        header["h"] = 1
+    return json.dumps(header, separators=(",", ":")).encode() + b"\n" + sse
+
+
+def encode_gap(origin: str, topics: tuple[str, ...], missed: int) -> bytes:
+    header = {"o": origin, "t": topics, "gap": missed}
+    return json.dumps(header, separators=(",", ":")).encode() + b"\n"
+
+
+def decode_entry(raw: bytes) -> Entry:
+    """Raises ValueError (or KeyError, TypeError) for an entry this hub did not write."""
+    head, sep, sse = raw.partition(b"\n")
+    if not sep:
+        raise ValueError("no header line")
+    header = json.loads(head)
+    if not isinstance(header, dict):
+        raise ValueError("header is not an object")
+    topics = tuple(header["t"])
+    origin = header["o"]
+    if not topics or not all(isinstance(t, str) and t for t in topics):
+        raise ValueError("bad topics")
+    if not isinstance(origin, str):
+        raise ValueError("bad origin")
+    gap = header.get("gap", 0)
+    if gap:
+        if not isinstance(gap, int) or gap < 0:
+            raise ValueError("bad gap")
+        return Entry(origin, topics, gap=gap)
+    event_id = header["i"]
+    owner = header.get("w")
+    if not isinstance(event_id, str) or not event_id or not sse:
+        raise ValueError("bad id or event")
+    if owner is not None and not isinstance(owner, str):
+        raise ValueError("bad owner")
+    return Entry(
+        origin,
+        topics,
+        event_id,
+        sse,
+        private=header.get("p") == 1,
+        final=header.get("f") == 1,
+        owner=owner,
+        firehose=header.get("h") == 1,
+    )
+
+
+def split_message(data: bytes) -> tuple[str, bytes]:
+    """A channel message: (stream id, entry). Raises ValueError when malformed."""
+    entry_id, sep, raw = data.partition(b" ")
+    ms, dash, seq = entry_id.partition(b"-")
+    if not sep or not dash or not ms.isdigit() or not seq.isdigit():
+        raise ValueError("no stream id")
+    return entry_id.decode("ascii"), raw
+
+
+def id_after(entry_id: str, last: str) -> bool:
+    """Whether stream id ``entry_id`` comes after ``last`` (``ms-seq`` compared as numbers)."""
+    ms, _, seq = entry_id.partition("-")
+    last_ms, _, last_seq = last.partition("-")
+    return (int(ms), int(seq or 0)) > (int(last_ms), int(last_seq or 0))
