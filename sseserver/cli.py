@@ -150,9 +150,12 @@ def observe_history(server: Server, ctx: Context) -> None:
     """History bytes change with every event: read at each scrape, and on the shared
     tick too, so that other workers' figures (summed by the scraped one) stay fresh."""
     metrics, hub = ctx.metrics, ctx.hub
+    shared = hub if isinstance(hub, SharedHub) else None
 
     def refresh() -> None:
         metrics.history_bytes.set(hub.held_bytes)
+        if shared is not None:
+            metrics.shared_hub(len(shared.followed), shared.taken, shared.dropped)
 
     metrics.before_scrape.append(refresh)
     server.state.streams.on_tick = refresh

@@ -17,7 +17,7 @@ MiB = 1024 * KiB
 
 # What --hub accepts: each names a backend in sseserver.hub.HUBS (a test keeps the two
 # together).
-HUB_SCHEMES = ("memory", "redis", "rediss", "unix")
+HUB_SCHEMES = ("memory", "redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 # The clients each provider can be reached with (providers.CLIENTS registers them; a
 # unit test keeps the two lists equal). The first is the default.
 UPSTREAM_CLIENTS = {"openai": ("lean", "sdk"), "gemini": ("lean", "sdk")}
@@ -161,7 +161,7 @@ class Config:
             raise ValueError("--log-level must be debug, info, warning, error or critical")
         scheme = self.hub.partition("://")[0] if "://" in self.hub else self.hub
         if scheme not in HUB_SCHEMES or (scheme != "memory" and "://" not in self.hub):
-            raise ValueError("--hub must be 'memory' or a redis:// URL")
+            raise ValueError("--hub must be 'memory', a redis:// URL or a redis+cluster:// URL")
         return self
 
 

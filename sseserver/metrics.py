@@ -51,6 +51,23 @@ class Metrics:
             registry=r,
             **live,
         )
+        self.hub_followed = Gauge(
+            "sseserver_hub_followed_topics",
+            "Topics this instance reads from Redis (its subscribers' and resumes')",
+            registry=r,
+            **live,
+        )
+        self.hub_received = Counter(
+            "sseserver_hub_received",
+            "Entries read from Redis (other instances' updates)",
+            registry=r,
+        )
+        self.hub_dropped = Counter(
+            "sseserver_hub_dropped",
+            "Updates that never reached Redis (the outbox overflowed during an outage)",
+            registry=r,
+        )
+        self._hub_counts = (0, 0)
         # Set before each scrape, for values that change per event (history bytes).
         self.before_scrape: list[Callable[[], None]] = []
         self.requests = Counter("sseserver_requests", "Requests answered", ["status"], registry=r)
@@ -107,6 +124,14 @@ class Metrics:
         self.child(self.generations, provider, error_code or "complete").inc()
         if error_code and error_code not in ("cancelled", "abandoned", "shutdown"):
             self.child(self.upstream_errors, provider, error_code).inc()
+
+    def shared_hub(self, followed: int, received: int, dropped: int) -> None:
+        """A Redis hub's figures, read at scrape time (its counts only grow)."""
+        self.hub_followed.set(followed)
+        last_received, last_dropped = self._hub_counts
+        self.hub_received.inc(max(0, received - last_received))
+        self.hub_dropped.inc(max(0, dropped - last_dropped))
+        self._hub_counts = (received, dropped)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text; summed over workers in multi-process mode."""

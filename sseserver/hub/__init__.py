@@ -16,6 +16,8 @@ HUBS = {
     "redis": "sseserver.hub.redis:RedisHub",
     "rediss": "sseserver.hub.redis:RedisHub",
     "unix": "sseserver.hub.redis:RedisHub",
+    "redis+cluster": "sseserver.hub.redis:RedisHub",
+    "rediss+cluster": "sseserver.hub.redis:RedisHub",
 }
 
 

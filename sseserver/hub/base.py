@@ -234,6 +234,21 @@ class SharedHub(Hub, Protocol):
     @property
     def redis(self) -> Any: ...
 
+    @property
+    def followed(self) -> list[str | None]:
+        """The topics read from Redis now (None: every pattern subscriber's firehose)."""
+        ...
+
+    @property
+    def taken(self) -> int:
+        """Entries read from Redis so far (other instances' updates)."""
+        ...
+
+    @property
+    def dropped(self) -> int:
+        """Updates that never reached Redis (its outbox overflowed during an outage)."""
+        ...
+
 
 OnPublish = Callable[[Update], None]
 

@@ -106,17 +106,20 @@ class RedisPresence:
         client = self._client()
         if client is None:
             raise ConnectionError("redis is not connected")
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.set(CANCEL_KEY.format(generation_id), 1, px=CANCEL_KEY_TTL_MS)
-            pipe.publish(CANCEL_CHANNEL, generation_id)
-            await pipe.execute()
+        # Two calls, not a pipeline: a cluster client refuses PUBLISH in one (and a
+        # cancel is rare); the key first, so a listener that misses the message finds it.
+        await client.set(CANCEL_KEY.format(generation_id), 1, px=CANCEL_KEY_TTL_MS)
+        await client.publish(CANCEL_CHANNEL, generation_id)
 
     async def _cancels_missed(self, client: Any) -> None:
         """Cancels sent while this listener was away: their keys, for what runs here."""
         running = list(self.running())
         if not running or self.on_cancel is None:
             return
-        marks = await client.mget([CANCEL_KEY.format(gen_id) for gen_id in running])
+        keys = [CANCEL_KEY.format(gen_id) for gen_id in running]
+        # Keys of many slots: a cluster client splits them per shard (no atomic MGET).
+        split = getattr(client, "mget_nonatomic", None)
+        marks = await (split(keys) if split is not None else client.mget(keys))
         for gen_id, mark in zip(running, marks, strict=True):
             if mark is not None and self.on_cancel is not None:
                 self.on_cancel(gen_id)

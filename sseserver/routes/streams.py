@@ -284,6 +284,8 @@ def register(app: Application, ctx: Context) -> None:
         presence = generations.presence
         if presence is not None:
             await ctx.hub.fetch((topic,))
+            if not ctx.hub.held(topic):  # its first events may still be on their way
+                await ctx.hub.knows(f"{gen_id}:1", REMOTE_CATCH_UP_S)
         if (
             presence is None
             or not ctx.hub.held(topic)

@@ -139,8 +139,9 @@ class WindowLimiter:
 
     async def _hit_redis(self, key: str, index: int, elapsed: float, now: float) -> float:
         window = self.rate.window_s
-        cur_key = f"{self._prefix}{key}:{index}"
-        prev_key = f"{self._prefix}{key}:{index - 1}"
+        # One hash tag: both windows in one Redis Cluster slot, as a transaction needs.
+        cur_key = f"{self._prefix}{{{key}}}:{index}"
+        prev_key = f"{self._prefix}{{{key}}}:{index - 1}"
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.incr(cur_key)
             pipe.expire(cur_key, math.ceil(window * 2) + 1)

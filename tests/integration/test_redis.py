@@ -16,17 +16,22 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlencode
 
 import jwt
 import pytest
 
 from sseserver.providers.synthetic import token_text
+from tests.support.hubclient import (
+    await_status,
+    logs,
+    publish,
+    publish_ok,
+    request,
+    subscribe,
+)
 from tests.support.rawhttp import (
-    RawClient,
-    Response,
     SSEReader,
     open_stream,
     read_until_id,
@@ -36,7 +41,6 @@ from tests.support.rawhttp import (
 )
 from tests.support.redis_server import (
     RedisServer,
-    ServerProcess,
     redis_running,
     sseserver_running,
 )
@@ -44,72 +48,10 @@ from tests.support.sse_parser import Event
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
-PATH = "/.well-known/mercure"
-FORM = [("Content-Type", "application/x-www-form-urlencoded")]
 
 
 def server_args(redis: RedisServer, *extra: str) -> list[str]:
     return ["--hub", redis.url, "--heartbeat-s", "1", "--shutdown-grace-s", "2", *extra]
-
-
-async def request(
-    port: int,
-    method: str,
-    target: str,
-    headers: Iterable[tuple[str, str]] = (),
-    body: bytes = b"",
-    within: float = 10.0,
-) -> Response:
-    async with await RawClient.connect(port) as client:
-        client.request(method, target, headers, body)
-        return await client.response(within)
-
-
-async def publish(
-    port: int, topic: str, data: str, event_id: str | None = None, within: float = 10.0
-) -> Response:
-    fields = [("topic", topic), ("data", data)]
-    if event_id is not None:
-        fields.append(("id", event_id))
-    return await request(port, "POST", PATH, FORM, urlencode(fields).encode(), within)
-
-
-async def publish_ok(port: int, topic: str, data: str, event_id: str) -> None:
-    resp = await publish(port, topic, data, event_id)
-    assert resp.status == 200, (resp.status, resp.body)
-    assert resp.body.decode() == event_id
-
-
-async def subscribe(
-    port: int, topic: str, last_event_id: str | None = None
-) -> tuple[RawClient, SSEReader]:
-    headers = [("Last-Event-ID", last_event_id)] if last_event_id else []
-    client, resp, reader = await open_stream(
-        port, f"{PATH}?{urlencode({'topic': topic})}", headers=headers
-    )
-    assert resp.status == 200, resp.status
-    return client, reader
-
-
-async def await_status(port: int, path: str, status: int, within: float) -> float:
-    """Poll ``path`` until it answers ``status``; the seconds it took."""
-    start = time.monotonic()
-    deadline = start + within
-    last: int | str = "nothing"
-    while time.monotonic() < deadline:
-        try:
-            resp = await request(port, "GET", path, within=2.0)
-            last = resp.status
-            if resp.status == status:
-                return time.monotonic() - start
-        except (OSError, TimeoutError, AssertionError) as exc:
-            last = repr(exc)
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{path} did not answer {status} within {within}s (last: {last})")
-
-
-def logs(*servers: ServerProcess) -> str:
-    return "\n".join(f"--- {s.log_path.name}\n{s.log()[-3000:]}" for s in servers)
 
 
 # -- sharing topics ----------------------------------------------------------------------

@@ -1,0 +1,84 @@
+"""A Mercure client over raw sockets for the multi-instance tests: publish, subscribe,
+ask and poll one server process by port (``tests.support.redis_server``'s processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from urllib.parse import urlencode
+
+from tests.support.rawhttp import RawClient, Response, SSEReader, open_stream
+from tests.support.redis_server import ServerProcess
+
+PATH = "/.well-known/mercure"
+FORM = [("Content-Type", "application/x-www-form-urlencoded")]
+
+
+async def request(
+    port: int,
+    method: str,
+    target: str,
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes = b"",
+    within: float = 10.0,
+) -> Response:
+    async with await RawClient.connect(port) as client:
+        client.request(method, target, headers, body)
+        return await client.response(within)
+
+
+async def publish(
+    port: int, topic: str, data: str, event_id: str | None = None, within: float = 10.0
+) -> Response:
+    fields = [("topic", topic), ("data", data)]
+    if event_id is not None:
+        fields.append(("id", event_id))
+    return await request(port, "POST", PATH, FORM, urlencode(fields).encode(), within)
+
+
+async def publish_ok(port: int, topic: str, data: str, event_id: str) -> None:
+    resp = await publish(port, topic, data, event_id)
+    assert resp.status == 200, (resp.status, resp.body)
+    assert resp.body.decode() == event_id
+
+
+async def subscribe(
+    port: int, topic: str, last_event_id: str | None = None
+) -> tuple[RawClient, SSEReader]:
+    headers = [("Last-Event-ID", last_event_id)] if last_event_id else []
+    client, resp, reader = await open_stream(
+        port, f"{PATH}?{urlencode({'topic': topic})}", headers=headers
+    )
+    assert resp.status == 200, resp.status
+    return client, reader
+
+
+async def await_status(port: int, path: str, status: int, within: float) -> float:
+    """Poll ``path`` until it answers ``status``; the seconds it took."""
+    start = time.monotonic()
+    deadline = start + within
+    last: int | str = "nothing"
+    while time.monotonic() < deadline:
+        try:
+            resp = await request(port, "GET", path, within=2.0)
+            last = resp.status
+            if resp.status == status:
+                return time.monotonic() - start
+        except (OSError, TimeoutError, AssertionError) as exc:
+            last = repr(exc)
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{path} did not answer {status} within {within}s (last: {last})")
+
+
+async def metric(port: int, name: str) -> float:
+    """One unlabelled sample of ``/metrics`` (0 when absent)."""
+    resp = await request(port, "GET", "/metrics")
+    for line in resp.body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def logs(*servers: ServerProcess) -> str:
+    return "\n".join(f"--- {s.log_path.name}\n{s.log()[-3000:]}" for s in servers)
