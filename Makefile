@@ -32,9 +32,9 @@ run: $(STAMP)
 	$(PY) -m sseserver --port $(PORT)
 
 test: $(STAMP) $(NODE_STAMP)
-	$(VENV)/bin/ruff check sseserver tests bench
-	$(VENV)/bin/ruff format --check sseserver tests bench
-	$(VENV)/bin/mypy sseserver tests bench
+	$(VENV)/bin/ruff check sseserver tests bench examples
+	$(VENV)/bin/ruff format --check sseserver tests bench examples
+	$(VENV)/bin/mypy sseserver tests bench examples
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 test-unit: $(STAMP)
@@ -47,9 +47,9 @@ test-integration: $(STAMP) $(NODE_STAMP)
 	$(VENV)/bin/pytest -q tests/integration
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check sseserver tests bench
-	$(VENV)/bin/ruff format --check sseserver tests bench
-	$(VENV)/bin/mypy sseserver tests bench
+	$(VENV)/bin/ruff check sseserver tests bench examples
+	$(VENV)/bin/ruff format --check sseserver tests bench examples
+	$(VENV)/bin/mypy sseserver tests bench examples
 
 bench: $(STAMP)
 	$(PY) -m bench.micro

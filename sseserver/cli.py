@@ -24,7 +24,7 @@ from .hub import SharedHub, load_hub
 from .hub.presence import RedisPresence
 from .logs import configure_logging
 from .metrics import MULTIPROC_ENV, Metrics, disconnect_reason, stream_kind
-from .routes import compat, mercure, ops, streams
+from .routes import compat, mercure, ops, streams, test_stream
 from .web.app import Application
 from .web.auth import Authenticator
 from .web.context import Context, configured_providers
@@ -78,6 +78,8 @@ def build(config: Config, environ: Mapping[str, str] | None = None) -> tuple[App
     streams.register(app, ctx)
     mercure.register(app, ctx)
     compat.register(app, ctx)
+    if config.test_endpoints:  # never on by default (SPEC §6)
+        test_stream.register(app, ctx)
     return app, ctx
 
 

@@ -355,6 +355,8 @@ class HTTPProtocol(asyncio.Protocol):
                 stream.finish()
         finally:
             self._task = None
+            if stream.state == "hijacked":
+                self.close_connection()  # h11 never saw this response end: no reuse
             self._loop.call_soon(self._continue)
             if not stream.detached or not stream.open:
                 self._log_access(stream)

@@ -87,7 +87,7 @@ class EventStream:
         self._registry = registry
         self._chunked = False
         self._on_close: list[Callable[[EventStream], None]] | None = None
-        self.state: Literal["new", "streaming", "done", "lost"] = "new"
+        self.state: Literal["new", "streaming", "done", "lost", "hijacked"] = "new"
         self.status = 0
         self.bytes_sent = 0
         self.idle_ticks = 0
@@ -257,6 +257,16 @@ class EventStream:
 
     def abort_connection(self) -> None:
         self._channel.close_connection(abort=True)
+
+    def hijack(self) -> asyncio.WriteTransport | None:
+        """Take the connection over for this response, as Go's ``http.Hijacker`` does: no
+        head nor framing is written for it, the caller writes every byte (and may await
+        ``drain()``), and the connection closes when the handler returns. None when the
+        client has already gone. Raises RuntimeError once the response has started."""
+        if self.state != "new":
+            raise RuntimeError("the response has already started")
+        self.state = "hijacked"
+        return self._channel.transport
 
     def on_close(self, callback: Callable[[EventStream], None]) -> None:
         """Call ``callback(stream)`` once when the stream ends, whatever the reason."""

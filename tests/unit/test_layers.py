@@ -32,6 +32,7 @@ RANKS = {
     "cli": 6,
     "__init__": 6,
     "__main__": 7,
+    "testing": 7,  # the pytest plugin: a server composed as cli does, for client tests
 }
 # Parts of one rank that must not know each other, and other pairs kept apart.
 APART = {("hub", "providers"), ("providers", "hub"), ("providers", "http")}
