@@ -58,6 +58,7 @@ def build(config: Config, environ: Mapping[str, str] | None = None) -> tuple[App
         public_key=config.jwt_public_key,
         audience=config.jwt_audience,
         issuer=config.jwt_issuer,
+        public_url=config.public_url,  # the Mercure hub's resource identifier (aud)
     )
     redis = shared.redis if shared is not None else None
     if config.max_streams_per_subject:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from urlpattern import URLPattern
 
 from ..http.stream import EventStream
 from ..wire.chunked import Frame
@@ -79,31 +81,113 @@ def any_match(selectors: Iterable[str], topics: Iterable[str]) -> bool:
     return any(selector_matches(s, t) for s in selectors for t in topics)
 
 
+# The kinds of topic matchers: the classic protocol's ``topic=`` selector (``*``, an RFC
+# 6570 URI template, or a string matched exactly) and draft-dunglas-mercure-08's matcher
+# types, ``exact`` (byte for byte) and ``urlpattern`` (the WHATWG URL Pattern standard).
+MatcherType = Literal["selector", "exact", "urlpattern"]
+WILDCARD = "*"  # matches every topic whatever the matcher type (draft-08 §3)
+
+
+@lru_cache(maxsize=4096)
+def compile_urlpattern(pattern: str, base: str) -> URLPattern:
+    """A URL Pattern, relative ones resolved against ``base`` (the hub's URL). The
+    ``urlpattern`` package compiles to Rust's ``regex`` crate, whose matching time is
+    linear in the input: a crafted pattern cannot backtrack catastrophically (draft-08
+    §3.2 asks for such an engine or a time limit). ``ignoreCase`` stays off (§3.2).
+
+    Raises:
+        ValueError: the pattern is not a well-formed URL Pattern.
+    """
+    return URLPattern(pattern, base)
+
+
+@dataclass(frozen=True, slots=True)
+class Matcher:
+    """One topic matcher. ``base`` is the hub's URL, against which a ``urlpattern``
+    resolves relative patterns and relative topics (draft-08 §3.2)."""
+
+    type: MatcherType
+    pattern: str
+    base: str = ""
+    _compiled: URLPattern | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, type: MatcherType, pattern: str, base: str = "") -> Matcher:
+        """Raises ValueError for a ``urlpattern`` that does not compile."""
+        compiled = None
+        if type == "urlpattern" and pattern != WILDCARD:
+            compiled = compile_urlpattern(pattern, base)
+        return cls(type, pattern, base, compiled)
+
+    @property
+    def exact_topic(self) -> str | None:
+        """The one topic this matcher selects, when it selects exactly one."""
+        pattern = self.pattern
+        if pattern == WILDCARD or self.type == "urlpattern":
+            return None
+        if self.type == "selector" and "{" in pattern:
+            return None
+        return pattern
+
+    def matches(self, topic: str) -> bool:
+        pattern = self.pattern
+        if pattern == WILDCARD or (pattern == topic and self.type != "urlpattern"):
+            return True
+        if self.type == "selector":
+            return selector_matches(pattern, topic)
+        if self._compiled is not None:
+            # A topic that is no URL reference against the base never matches (§3.2).
+            return self._compiled.test(topic, self.base)
+        return False
+
+
+Selectors = tuple[str, ...] | tuple[Matcher, ...]
+
+
+def matchers_of(selectors: Iterable[str | Matcher]) -> tuple[Matcher, ...]:
+    """Classic selector strings as matchers; matchers as they are."""
+    return tuple(s if isinstance(s, Matcher) else Matcher("selector", s) for s in selectors)
+
+
+def matches_any(matchers: Iterable[Matcher], topics: Iterable[str]) -> bool:
+    topics = tuple(topics)
+    return any(m.matches(t) for m in matchers for t in topics)
+
+
 class Subscription:
     """One subscriber: its stream, what it listens to and which private updates it may
-    see (``private_selectors`` from its JWT; None = none)."""
+    see (``private_selectors``, from its token; None = none). Both take classic selector
+    strings or ``Matcher``s. ``exact`` says every matcher selects one topic by name, and
+    then ``selectors`` holds those names (a hub follows exactly them)."""
 
-    __slots__ = ("exact", "private_selectors", "selectors", "stream")
+    __slots__ = ("exact", "matchers", "private_selectors", "selectors", "stream")
 
     def __init__(
         self,
         stream: EventStream,
-        selectors: tuple[str, ...],
-        private_selectors: tuple[str, ...] | None = None,
+        selectors: Selectors,
+        private_selectors: Selectors | None = None,
     ) -> None:
         self.stream = stream
-        self.selectors = selectors
-        self.private_selectors = private_selectors
-        self.exact = all(s != "*" and "{" not in s for s in selectors)
+        self.matchers = matchers_of(selectors)
+        self.private_selectors = (
+            None if private_selectors is None else matchers_of(private_selectors)
+        )
+        names = [m.exact_topic for m in self.matchers]
+        self.exact = all(n is not None for n in names)
+        if self.exact:
+            self.selectors: tuple[str, ...] = tuple(n for n in names if n is not None)
+        else:
+            self.selectors = tuple(m.pattern for m in self.matchers)
 
     def wants(self, update: Update) -> bool:
-        if not any_match(self.selectors, update.topics):
+        if not matches_any(self.matchers, update.topics):
             return False
         return not update.private or self.may_see_private(update)
 
     def may_see_private(self, update: Update) -> bool:
         sel = self.private_selectors
-        return sel is not None and any_match(sel, update.topics)
+        return sel is not None and matches_any(sel, update.topics)
 
 
 class Hub(Protocol):

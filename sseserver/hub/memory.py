@@ -103,7 +103,11 @@ class MemoryHub:
         self._topics: dict[str, list[Update]] = {}
         self._by_age: deque[Update] = deque()  # every held update, oldest first
         self._stale = 0  # entries of _by_age no longer held (dropped by count or topic)
+        # By id, the earliest held update with that id (a reused id resolves to it, as
+        # draft-08 §6 says); keys in the order of their latest use, so the last key is the
+        # newest update's id. ``_reused``: how many later updates hold each reused id.
         self._by_id: dict[str, Update] = {}
+        self._reused: dict[str, int] = {}
         self._owners: dict[str, str] = {}  # generation topic -> its owner's subject
         self._exact: dict[str, set[Subscription]] = {}
         self._wild: set[Subscription] = set()
@@ -166,8 +170,6 @@ class MemoryHub:
         event_id = id if id is not None else f"urn:uuid:{uuid.uuid4()}"
         if event_id == EARLIEST:
             raise ValueError(f"{EARLIEST!r} is a reserved id")
-        if event_id in self._by_id:
-            raise ValueError(f"duplicate event id {event_id!r}")
         frame = build_frame(data, id=event_id, event=event, retry=retry)
         return self.update_of(topics, event_id, frame, private=private, final=final, owner=owner)
 
@@ -293,7 +295,12 @@ class MemoryHub:
             self._stale += 1
         held.append(update)
         cost = update.cost = update_cost(update)
-        self._by_id[update.id] = update
+        first = self._by_id.pop(update.id, None)
+        if first is None:
+            self._by_id[update.id] = update
+        else:
+            self._by_id[update.id] = first  # the earliest, its key now the newest
+            self._reused[update.id] = self._reused.get(update.id, 0) + 1
         self._by_age.append(update)
         self.held_bytes += cost
         if self.held_bytes > self.history_bytes:
@@ -318,8 +325,21 @@ class MemoryHub:
         """Account for ``update`` leaving history (its topic's list already let it go)."""
         self.held_bytes -= update.cost
         update.cost = 0
-        if self._by_id.get(update.id) is update:
-            del self._by_id[update.id]
+        event_id = update.id
+        reused = self._reused.get(event_id)
+        if reused:
+            if reused == 1:
+                del self._reused[event_id]
+            else:
+                self._reused[event_id] = reused - 1
+            if self._by_id.get(event_id) is update:  # the next with its id is the earliest
+                later = next((u for u in self._by_age if u.cost and u.id == event_id), None)
+                if later is None:
+                    del self._by_id[event_id]
+                else:
+                    self._by_id[event_id] = later
+        elif self._by_id.get(event_id) is update:
+            del self._by_id[event_id]
 
     def _drop_oldest(self) -> None:
         update = self._by_age.popleft()
@@ -466,8 +486,7 @@ class MemoryHub:
         the readers here arrived (a shared hub loading a topic's past)."""
         if self._pending:
             self.flush()
-        if update.id not in self._by_id:
-            self._remember(update)
+        self._remember(update)
 
     async def knows(self, event_id: str, within_s: float) -> bool:
         """Whether ``event_id`` is held. Here that is known at once; a hub fed by other

@@ -62,6 +62,7 @@ SWEEP_S = 5.0
 RECONNECT_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0)  # then every 1 s
 CLOSE_WAIT_S = 1.0
 FIREHOSE_LEN = 10_000  # entries the firehose keeps (pattern subscribers' replay)
+REMEMBERED_TOPICS = 65_536  # topics let go whose last stream id is kept (~100 B each)
 
 # What XRANGE gives this client (RESP2, no decode_responses): bytes ids and fields.
 _Entry = tuple[bytes, dict[bytes, bytes]]
@@ -137,6 +138,7 @@ class RedisHub:
             limit=outbox_bytes,
         )
         self._follows: dict[str, _Follow] = {}  # by channel
+        self._last_ids: dict[str, str] = {}  # channels let go: the last stream id taken
         self._pubsub: Any = None
         self._hooked: set[int] = set()  # subscriber connections told to call _on_reconnect
         self._readers: dict[str, asyncio.Task[None]] = {}  # one per subscriber connection
@@ -337,6 +339,8 @@ class RedisHub:
         follow = self._follows.get(channel)
         if follow is None:
             follow = self._follows[channel] = _Follow(topic, channel, stream_key(topic))
+            # Followed before: what the mirror holds of it is not loaded again.
+            follow.last_id = self._last_ids.pop(channel, "0-0")
             self._spawn(self._open(follow))
         follow.touched = time.monotonic()
         return follow
@@ -602,6 +606,9 @@ class RedisHub:
             return
         for follow in idle:
             del self._follows[follow.channel]
+            self._last_ids[follow.channel] = follow.last_id
+        while len(self._last_ids) > REMEMBERED_TOPICS:
+            del self._last_ids[next(iter(self._last_ids))]
         if self._pubsub is not None:
             try:
                 await self._pubsub.sunsubscribe(*(f.channel for f in idle))

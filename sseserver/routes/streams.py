@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 from ..generations import Generation, parse_event_id, topic_of
 from ..http.request import Request
 from ..http.stream import EventStream
-from ..hub.base import EARLIEST, Subscription, any_match
+from ..hub.base import EARLIEST, Subscription
 from ..providers.base import ROLES, BadRequest, GenerationRequest, Message, Provider
 from ..web.app import Application
 from ..web.auth import Claims
@@ -47,8 +47,7 @@ def may_follow(claims: Claims | None, generation_id: str, owner: str | None) -> 
         return True
     if owner is not None and claims.subject == owner:
         return True
-    allowed = claims.subscribe
-    return allowed is not None and any_match(allowed, (topic_of(generation_id),))
+    return claims.may_subscribe(topic_of(generation_id))
 
 
 def owner_of(request: Request) -> str | None:

@@ -19,7 +19,11 @@ from .auth import Authenticator
 from .ratelimit import ClientAddress, ConcurrencyLimiter, WindowLimiter
 
 CORS_MAX_AGE = "600"
-CORS_EXPOSE = "Last-Event-ID, X-Request-ID, Retry-After"
+# Mercure-Last-Event-ID and Link carry draft-08's cursors (§6, §7.2); WWW-Authenticate
+# its resource metadata (§4.2).
+CORS_EXPOSE = (
+    "Last-Event-ID, X-Request-ID, Retry-After, Mercure-Last-Event-ID, Link, WWW-Authenticate"
+)
 
 
 async def request_id(request: Request, stream: EventStream, call_next: Handler) -> None:

@@ -334,7 +334,6 @@ async def test_unknown_id_gets_missed_then_everything_held() -> None:
         ([("data", "x")], "no topic"),
         ([("topic", ""), ("data", "x")], "empty topic"),
         ([("topic", BOOK1), ("data", "x"), ("id", "earliest")], "reserved id"),
-        ([("topic", BOOK1), ("data", "x"), ("id", "dup")], "duplicate id"),
         ([("topic", BOOK1), ("data", "x"), ("id", "a\nb")], "id with a line break"),
         ([("topic", BOOK1), ("data", "x"), ("type", "a\rb")], "type with a line break"),
         ([("topic", BOOK1), ("data", "x"), ("retry", "abc")], "retry not a number"),

@@ -345,9 +345,10 @@ async def test_history_bounded_by_count() -> None:
     assert found and stream.ids == ids[8:]
     _, updates, found = await attach(hub, "t", last_event_id="e5")
     assert not found and updates == []
-    # An evicted id may be reused (nothing refers to it any more), a held one may not.
-    with pytest.raises(ValueError, match="duplicate"):
-        await hub.publish(("t",), "d", id="e11")
+    # A held id may be reused too (draft-08 §6): it still names the earliest holder.
+    await hub.publish(("t",), "d", id="e8")
+    held = hub.get("e8")
+    assert held is not None and held.seq < hub.held("t")[-1].seq
 
 
 async def test_memory_bounded_after_many_times_the_history() -> None:
@@ -460,14 +461,28 @@ async def test_invalid_updates_raise_value_error(
     assert live.frames == [] and hub._by_id == {}
 
 
-async def test_duplicate_id_is_refused_and_not_delivered() -> None:
-    hub = MemoryHub()
+async def test_reused_id_is_delivered_and_resolves_to_the_earliest() -> None:
+    """draft-08 §6: a Last-Event-ID naming a reused id resolves to the earliest update
+    holding it; everything after it is sent, the later update with the same id too."""
+    hub = MemoryHub(history=4)
     live, _, _ = await attach(hub, "t")
     await hub.publish(("t",), "first", id="same")
-    with pytest.raises(ValueError, match="duplicate"):
-        await hub.publish(("t",), "second", id="same")
-    assert live.ids == ["same"]
-    assert [bytes(u.frame.raw) for u in hub.held("t")] == [b"id: same\ndata: first\n\n"]
+    await hub.publish(("t",), "between", id="b")
+    await hub.publish(("t",), "second", id="same")
+    assert live.ids == ["same", "b", "same"]
+    assert hub.last_id() == "same"
+    resumed, _, found = await attach(hub, "t", last_event_id="same")
+    assert found and resumed.ids == ["b", "same"]
+    # The earliest leaves history: the id now names the later holder.
+    await hub.publish(("t",), "x", id="c")
+    await hub.publish(("t",), "y", id="d")
+    resumed, _, found = await attach(hub, "t", last_event_id="same")
+    assert found and resumed.ids == ["c", "d"]
+    await hub.publish(("t",), "z", id="e")
+    await hub.publish(("t",), "z", id="f")
+    _, updates, found = await attach(hub, "t", last_event_id="same")
+    assert not found and updates == [] and hub.get("same") is None
+    assert hub._reused == {}
 
 
 async def test_generated_ids_are_unique_urns() -> None:
