@@ -128,9 +128,7 @@ async def test_cancel_from_another_instance(hub_url: str, tmp_path: Path) -> Non
         assert rest[-1].data == "[DONE]"
 
 
-async def test_an_instance_nobody_reads_from_receives_nothing(
-    hub_url: str, tmp_path: Path
-) -> None:
+async def test_an_instance_nobody_reads_from_receives_nothing(hub_url: str, tmp_path: Path) -> None:
     with ExitStack() as stack:
         a, idle, c = instances(stack, tmp_path, hub_url, "a", "idle", "c")
         for server in (a, idle, c):
