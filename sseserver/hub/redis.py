@@ -134,7 +134,12 @@ class RedisHub:
         self.outbox = Outbox(
             lambda: self._redis,
             self.instance,
-            Shape(max(history, 10), max(FIREHOSE_LEN, history), self.age_ms),
+            Shape(
+                max(history, 10),
+                max(FIREHOSE_LEN, history),
+                self.age_ms,
+                int(max(resume_window_s, 1.0) * 1000),
+            ),
             limit=outbox_bytes,
         )
         self._follows: dict[str, _Follow] = {}  # by channel
@@ -304,6 +309,9 @@ class RedisHub:
         return await self.local.subscribe(subscription, last_event_id)
 
     def attach(self, subscription: Subscription) -> None:
+        """Attach without following: for readers of what this instance produces (a
+        generation's viewers where it runs). Readers of other instances' topics come
+        through ``subscribe``, which follows them."""
         if not subscription.exact:
             self._wild += 1
         self.local.attach(subscription)

@@ -54,6 +54,7 @@ class Shape:
     topic_len: int
     firehose_len: int
     idle_ms: int
+    ended_ms: int  # a topic's last update (a generation's end): kept for the resume window
 
 
 @dataclass(slots=True)
@@ -142,14 +143,16 @@ class Outbox:
     # -- writing -------------------------------------------------------------------------
 
     def _calls(self, batch: list[_Item], gaps: Counter[tuple[str, ...]]) -> list[tuple[Any, ...]]:
-        """The script calls for a batch: (stream key, max length, entry, channel) each.
-        Gaps go first: the updates they stand for are older than any still queued."""
+        """The script calls for a batch: (stream key, max length, entry, channel, how long
+        the stream lives on idle) each. Gaps go first: the updates they stand for are
+        older than any still queued."""
         calls: list[tuple[Any, ...]] = []
         shape = self.shape
+        idle = shape.idle_ms
         for topics, missed in gaps.items():
             raw = encode_gap(self.origin, topics, missed)
             for topic in topics:
-                calls.append((stream_key(topic), shape.topic_len, raw, channel_of(topic)))
+                calls.append((stream_key(topic), shape.topic_len, raw, channel_of(topic), idle))
         for item in batch:
             update = item.update
             raw = encode_entry(
@@ -162,10 +165,11 @@ class Outbox:
                 owner=update.owner,
                 firehose=item.firehose,
             )
+            lives = shape.ended_ms if update.final else idle
             for topic in update.topics:
-                calls.append((stream_key(topic), shape.topic_len, raw, channel_of(topic)))
+                calls.append((stream_key(topic), shape.topic_len, raw, channel_of(topic), lives))
             if item.firehose:
-                calls.append((stream_key(None), shape.firehose_len, raw, channel_of(None)))
+                calls.append((stream_key(None), shape.firehose_len, raw, channel_of(None), idle))
         return calls
 
     async def _send(self, calls: list[tuple[Any, ...]]) -> None:
@@ -175,10 +179,9 @@ class Outbox:
         client = self._client()
         if client is None:
             raise ConnectionError("redis is not connected")
-        idle_ms = self.shape.idle_ms
         async with client.pipeline(transaction=False) as pipe:
-            for key, length, raw, channel in calls:
-                pipe.eval(APPEND_SCRIPT, 1, key, length, raw, channel, idle_ms)
+            for key, length, raw, channel, lives_ms in calls:
+                pipe.eval(APPEND_SCRIPT, 1, key, length, raw, channel, lives_ms)
             results = await pipe.execute(raise_on_error=False)
         for result in results:
             if isinstance(result, Exception):

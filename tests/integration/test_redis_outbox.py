@@ -15,7 +15,6 @@ same port.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,10 +23,9 @@ from sseserver.hub.base import Subscription
 from sseserver.hub.redis import RedisHub
 from sseserver.hub.redis_outbox import ENTRY_OVERHEAD
 from sseserver.hub.redis_wire import channel_of, encode_entry, encode_gap, stream_key
-from sseserver.wire.chunked import Frame
+from tests.support.hubs import Reader, started_hubs
 from tests.support.procs import free_port
 from tests.support.redis_server import redis_running
-from tests.support.sse_parser import Event, parse
 from tests.support.waits import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -35,26 +33,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 TOPIC = ("streams/outbox",)
 PAYLOAD = "x" * 100
 OUTBOX_BYTES = 8 * 1024  # ~25 updates of this size
-
-
-class Reader:
-    """A subscriber's stream as the hub sees it: frames written, in order."""
-
-    def __init__(self) -> None:
-        self.raw = bytearray()
-
-    def write_frame(self, frame: Frame) -> bool:
-        self.raw += bytes(frame.raw)
-        return True
-
-    def on_close(self, callback: Callable[[object], None]) -> None:
-        pass
-
-    def close(self, reason: str = "complete") -> None:
-        pass
-
-    def events(self) -> list[Event]:
-        return parse(bytes(self.raw))
 
 
 def publish(hub: RedisHub, n: int) -> None:
@@ -134,11 +112,7 @@ async def test_malformed_entries_are_skipped_and_reading_goes_on(tmp_path: Path)
         encode_gap("elsewhere", (), 3),
     ]
     with redis_running(tmp_path / "redis") as redis:
-        a = RedisHub(redis.url)
-        b = RedisHub(redis.url)
-        await a.start()
-        await b.start()
-        try:
+        async with started_hubs(redis.url, 2) as (a, b):
             client = b.redis
             key, channel = stream_key(TOPIC[0]), channel_of(TOPIC[0])
             for raw in [*bad, good]:
@@ -160,9 +134,6 @@ async def test_malformed_entries_are_skipped_and_reading_goes_on(tmp_path: Path)
             await eventually(arrived, 5, "the good update after the bad entries")
             assert [e.last_event_id for e in there.events()] == ["h1", "u1"]
             assert b.ready
-        finally:
-            await a.aclose()
-            await b.aclose()
 
 
 async def test_redis_unreachable_at_start_then_there(tmp_path: Path) -> None:

@@ -150,3 +150,25 @@ async def test_an_instance_nobody_reads_from_receives_nothing(hub_url: str, tmp_
         assert await metric(idle.port, "sseserver_hub_followed_topics") == 0
         # A ran the generations itself: it read none of its own tokens back either.
         assert await metric(a.port, "sseserver_hub_received_total") == 0, logs(a)
+
+
+async def test_limits_are_shared_across_instances(hub_url: str, tmp_path: Path) -> None:
+    """``--rate 4/60s`` and ``--max-streams-per-subject 1`` count on all instances (their
+    keys in one slot each on a cluster)."""
+    limits = ("--rate", "4/60s", "--max-streams-per-subject", "1")
+    with ExitStack() as stack:
+        a, b = instances(stack, tmp_path, hub_url, "a", "b", extra=limits)
+        await await_status(b.port, "/readyz", 200, 15)
+        client, resp, _reader = await open_stream(a.port, "/v1/stream?tokens=100000&interval_ms=50")
+        async with client:
+            assert resp.status == 200
+            refused = await request(b.port, "GET", "/v1/stream?tokens=1")
+            assert refused.status == 429, refused.body
+            assert json.loads(refused.body)["error"]["code"] == "too_many_streams"
+        statuses = [
+            (await request(server.port, "POST", "/.well-known/mercure", body=b"")).status
+            for server in (a, b, a)
+        ]
+        # Two requests so far (the refused one counts too), two more within the 4 of the
+        # window wherever they land, and the fifth is refused (/readyz never counts).
+        assert 429 not in statuses[:2] and statuses[2] == 429, statuses
