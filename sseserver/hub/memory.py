@@ -471,6 +471,11 @@ class MemoryHub:
         else:
             self._wild.discard(sub)
 
+    @property
+    def pattern_count(self) -> int:
+        """Subscribers whose selectors are patterns (``*``, templates, URL patterns)."""
+        return len(self._wild)
+
     def subscriber_count(self, topic: str | None = None) -> int:
         if topic is None:
             return sum(len(s) for s in self._exact.values()) + len(self._wild)

@@ -73,7 +73,7 @@ async def test_an_instance_follows_what_its_readers_need_and_lets_go(tmp_path: P
             assert b.get("t1") is None
             reader.close()
             wild.close()
-            await b._let_go(float("inf"))  # as the sweeper does LINGER_S after the last read
+            await b.follower.let_go(float("inf"))  # as the sweeper does, LINGER_S after
             assert b.followed == []
             # Followed again: only what came after is loaded, nothing twice.
             await a.publish(("one",), "later", id="o2")
