@@ -16,6 +16,10 @@ reproduction is the scenario's URL. Found so far (httpx-sse 0.4.3, openai 3.x):
 - httpx-sse holds a line ended by a lone CR until the next read, so with ``cr`` line
   endings an event waits for whatever comes next (here: a whole pause);
 - the openai SDK keeps a leading BOM too: the first chunk is lost.
+
+A body that fails (``end=close`` on a chunked body, ``end=rst``) is not a client bug when
+the client loses its last events: see ``fails_the_body``. Only a clean end promises every
+event of a connection; across failed bodies, resumption promises every event once.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import pytest
 import pytest_asyncio
 
 from sseserver.testing import Expected, SSEServer, serve_in_background
+from sseserver.wire.scenario import parse_scenario
 from tests.support.browser import chromium
 from tests.support.requirements import require
 
@@ -114,6 +119,21 @@ def _types(query: str) -> list[str]:
     return [p.split("=", 1)[1] for p in query.split("&") if p.startswith("event=")]
 
 
+def fails_the_body(query: str) -> bool:
+    """Whether the scenario's body ends in a network error for the client: a chunked body
+    closed without its terminator (``end=close``), or a reset (``end=rst``).
+
+    Fetch then errors the body's stream, and an errored stream drops the chunks its
+    reader has not taken yet; so ``EventSource`` may lose the last events the connection
+    carried and resume from an earlier id (Chromium does, now and then: under load it lost
+    all three events of ``?end=close``, where no reset is involved). Not the kernel: on
+    loopback every byte has reached the client's kernel before the reset, and Linux keeps
+    received bytes readable ahead of it. What such a body promises is a prefix of its
+    events; with resumption, every event once, in order."""
+    s = parse_scenario(query)
+    return s.end == "rst" or (s.end == "close" and s.framing == "chunked")
+
+
 RUN_EVENT_SOURCE = """async ({url, types, timeoutMs, stopOnError, maxOpens}) => {
   return await new Promise((resolve) => {
     const t0 = performance.now();
@@ -183,7 +203,13 @@ async def test_event_source_reads_every_scenario_as_the_standard_says(
     params = dict(p.split("=", 1) for p in query.split("&") if p)
     result = await event_source(page, f"{server.scenario()}?{query}", types=_types(query))
     expected = as_tuples(server.expected(**{k: v for k, v in params.items() if k != "status"}))
-    assert events_of(result) == expected, result
+    events = events_of(result)
+    if fails_the_body(query):
+        # The last events may be lost with the body (see fails_the_body); whatever is
+        # dispatched is the standard's events, in order, from the first.
+        assert events == expected[: len(events)], result
+    else:
+        assert events == expected, result
     # The end of the body (clean or not) is an error with a reconnect to come.
     assert result["why"] == "error" and result["readyState"] == 0, result
 
@@ -203,14 +229,32 @@ async def test_event_source_fails_for_good_without_a_200_event_stream(
 async def test_event_source_resumes_by_last_event_id_until_204(
     page: Page, server: SSEServer
 ) -> None:
-    # Two events per connection, a reconnect after 20 ms with Last-Event-ID, until the
-    # server answers 204 past the last event: EventSource then stops for good.
-    url = f"{server.scenario()}?events=7&drop_after=2&retry=20&end=rst"
+    # Two events per connection, each body ending cleanly (so none is lost), a reconnect
+    # after 20 ms with Last-Event-ID, until the server answers 204 past the last event:
+    # EventSource then stops for good.
+    url = f"{server.scenario()}?events=7&drop_after=2&retry=20"
     result = await event_source(page, url, stop_on_error=False, timeout_ms=20_000)
     assert result["why"] == "closed", result
-    assert events_of(result) == [("message", f"event {n}", str(n)) for n in range(1, 8)]
+    assert events_of(result) == [("message", f"event {n}", str(n)) for n in range(1, 8)], result
     opens = [e for e in result["log"] if e["k"] == "open"]
-    assert len(opens) == 4  # 2 + 2 + 2 + 1 events, then the 204 (no open)
+    assert len(opens) == 4, result  # 2 + 2 + 2 + 1 events, then the 204 (no open)
+
+
+@pytest.mark.parametrize("end", ["end=close", "end=rst", "end=close&partial=9"])
+async def test_event_source_gets_every_event_once_across_failed_bodies(
+    page: Page, server: SSEServer, end: str
+) -> None:
+    # Each body fails after two events (and, with partial, an unfinished third whose id
+    # line must not count). The events a failed body lost (see fails_the_body) come again
+    # on the reconnect, which resumes after the last event dispatched: every event once,
+    # in order, then the 204. How many connections that takes depends on the timing.
+    url = f"{server.scenario()}?events=7&drop_after=2&retry=20&{end}"
+    assert fails_the_body(url.partition("?")[2])
+    result = await event_source(page, url, stop_on_error=False, timeout_ms=60_000)
+    assert result["why"] == "closed", result
+    assert events_of(result) == [("message", f"event {n}", str(n)) for n in range(1, 8)], result
+    opens = [e for e in result["log"] if e["k"] == "open"]
+    assert len(opens) >= 4, result  # at most two new events per connection
 
 
 async def test_event_source_honours_valid_retry_and_ignores_invalid(
@@ -236,14 +280,19 @@ async def test_event_source_honours_valid_retry_and_ignores_invalid(
     assert invalid["why"] == "timeout", invalid
 
 
+# The silence after event 1 in the CR tests. A client that holds a CR-ended line until
+# more bytes come dispatches both events together, one that does not dispatches them a
+# pause apart: half the pause between the two tells them apart, whatever the load.
+CR_PAUSE_MS = 1000
+
+
 async def test_event_source_dispatches_a_cr_ended_event_before_a_pause(
     page: Page, server: SSEServer
 ) -> None:
-    url = f"{server.scenario()}?events=2&line_endings=cr&pause_after=1&pause_ms=800"
+    url = f"{server.scenario()}?events=2&line_endings=cr&pause_after=1&pause_ms={CR_PAUSE_MS}"
     result = await event_source(page, url)
-    opened = next(e["t"] for e in result["log"] if e["k"] == "open")
     first, second = (e["t"] for e in result["log"] if e["k"] == "event")
-    assert first - opened < 400 and second - opened >= 700, result["log"]
+    assert second - first >= CR_PAUSE_MS / 2, result["log"]
 
 
 # -- httpx-sse ----------------------------------------------------------------------------
@@ -298,14 +347,13 @@ async def test_httpx_sse_reads_every_scenario_as_the_standard_says(
 )
 async def test_httpx_sse_dispatches_a_cr_ended_event_before_a_pause(server: SSEServer) -> None:
     require("httpx-sse", httpx_sse is not None, "pip install -e '.[test]'")
-    url = server.scenario(events=2, line_endings="cr", pause_after=1, pause_ms=800)
+    url = server.scenario(events=2, line_endings="cr", pause_after=1, pause_ms=CR_PAUSE_MS)
     times = []
-    start = time.monotonic()
     async with httpx.AsyncClient(timeout=10) as client:
         async with httpx_sse.aconnect_sse(client, "GET", url) as source:
             async for _sse in source.aiter_sse():
-                times.append(time.monotonic() - start)
-    assert times[0] < 0.4 and times[1] >= 0.7, times
+                times.append(time.monotonic())
+    assert times[1] - times[0] >= CR_PAUSE_MS / 2000, times
 
 
 async def test_httpx_sse_refuses_what_is_not_an_event_stream(server: SSEServer) -> None:
