@@ -173,6 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
     if not (config.jwt_secret or config.jwt_public_key):
         log.warning("authentication is off: anyone who can reach this port can stream")
+    elif config.public_url is None:
+        log.warning(
+            "--public-url is not set: a Mercure access token's audience is checked against "
+            "the Host each request names; set it to the address clients use"
+        )
     if config.workers > 1:
         if config.port == 0:
             print("sseserver: --workers needs a fixed --port", file=sys.stderr)

@@ -123,7 +123,7 @@ class EventStream:
         head: HeaderList = []
         if content_type is not None:
             head.append((b"content-type", content_type.encode("latin-1")))
-        head.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers)
+        head.extend(_encoded(headers))
         head.extend(self.extra_headers)
         if status not in (204, 304):  # RFC 9110 §8.6: no Content-Length on a 204
             head.append((b"content-length", str(len(body)).encode()))
@@ -160,7 +160,7 @@ class EventStream:
         if self.state != "new":
             return self.state == "streaming"
         head = [*STREAM_HEADERS, (b"connection", b"keep-alive")]
-        head.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers)
+        head.extend(_encoded(headers))
         head.extend(self.extra_headers)
         self.status = status
         if self.request.method == "HEAD":
@@ -299,3 +299,9 @@ class EventStream:
         callbacks, self._on_close = self._on_close, None
         for callback in callbacks or ():
             callback(self)
+
+
+def _encoded(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """Header values as UTF-8 (an event id, echoed in a header, may be any text; latin-1
+    would fail on it), names as the ASCII they are."""
+    return [(k.encode("ascii"), v.encode("utf-8")) for k, v in headers]

@@ -101,6 +101,7 @@ class RedisHub:
                 int(max(resume_window_s, 1.0) * 1000),
             ),
             limit=outbox_bytes,
+            owner_of=local.owner,
         )
         self.follower = Follower(
             self._redis,
@@ -280,8 +281,9 @@ class RedisHub:
             remaining = deadline - loop.time()
             if remaining <= 0 or not self._connected:
                 return False
+            news = self.follower.news()
             try:
-                await asyncio.wait_for(self.follower.news(), remaining)
+                await asyncio.wait_for(news, remaining)
             except TimeoutError:
                 return self.get(event_id) is not None
         return True

@@ -36,6 +36,9 @@ SWEEP_S = 5.0
 RECONNECT_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0)  # then every 1 s
 CLOSE_WAIT_S = 1.0
 REMEMBERED_TOPICS = 65_536  # topics let go whose last stream id is kept (~100 B each)
+# Entries remembered as taken (~150 B each): more than a topic's history or the firehose
+# holds, so a copy of an entry arriving through another topic is known for what it is.
+SEEN_ENTRIES = 32_768
 
 # What XRANGE gives this client (RESP2, no decode_responses): bytes ids and fields.
 _Entry = tuple[bytes, dict[bytes, bytes]]
@@ -87,6 +90,7 @@ class Follower:
         self._stuck: set[_Follow] = set()  # follows to open again (Redis was away)
         self._pending: set[asyncio.Task[None]] = set()
         self._arrivals: list[asyncio.Future[None]] = []  # waiting for news
+        self._seen: dict[tuple[str, int], None] = {}  # the latest entries taken, oldest first
 
     @property
     def followed(self) -> list[str | None]:
@@ -111,6 +115,8 @@ class Follower:
     def news(self) -> asyncio.Future[None]:
         """Done when the next entries have been taken."""
         arrival: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A waiter that gave up (cancelled) leaves; a quiet instance does not pile them up.
+        self._arrivals = [a for a in self._arrivals if not a.done()]
         self._arrivals.append(arrival)
         return arrival
 
@@ -181,7 +187,8 @@ class Follower:
         is the topic's past, kept for replay; after a reconnection it is what readers
         here missed, delivered to them."""
         follow.loading = True
-        missed = follow.loaded.is_set()
+        # Readers already here (attached while Redis was slow to answer) get it too.
+        missed = follow.loaded.is_set() or self._read_here(follow)
         floor = f"{int(time.time() * 1000) - self.age_ms}-0"
         start = "(" + follow.last_id if id_after(follow.last_id, floor) else floor
         while True:
@@ -214,7 +221,7 @@ class Follower:
         except (KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
             log.warning("redis hub: skipping a malformed entry %s: %s", entry_id, exc)
             return
-        if entry.origin == self.instance or self._delivered_elsewhere(follow, entry):
+        if entry.origin == self.instance or not self._first_time(entry):
             return
         self.taken += 1
         if entry.gap:
@@ -238,23 +245,19 @@ class Follower:
             if update.final:
                 self.local.close_topic(update.topic)
 
-    def _delivered_elsewhere(self, follow: _Follow, entry: Entry) -> bool:
-        if follow.topic is None:
+    def _first_time(self, entry: Entry) -> bool:
+        """Whether this entry is new here: an update written to several topics, or to a
+        topic and the firehose, arrives once per followed copy, and is taken once."""
+        if not entry.sequence:
+            return True  # unnamed (not written by this hub): nothing to tell it by
+        key = (entry.origin, entry.sequence)
+        seen = self._seen
+        if key in seen:
             return False
-        follows = self._follows
-        if entry.firehose:
-            firehose = follows.get(channel_of(None))
-            if firehose is not None and not firehose.loading:
-                return True
-        if len(entry.topics) == 1:
-            return False
-        for topic in entry.topics:  # the first topic followed here delivers it
-            if topic == follow.topic:
-                return False
-            other = follows.get(channel_of(topic))
-            if other is not None and not other.loading:
-                return True
-        return False
+        seen[key] = None
+        if len(seen) > SEEN_ENTRIES:
+            del seen[next(iter(seen))]
+        return True
 
     def _tell_gap(self, entry: Entry) -> None:
         """Another instance lost updates of these topics on their way to Redis: its
@@ -364,18 +367,18 @@ class Follower:
             await asyncio.sleep(SWEEP_S)
             await self.let_go(time.monotonic() - LINGER_S)
 
+    def _read_here(self, follow: _Follow) -> bool:
+        """Whether a reader here wants the topic (a pattern reader, for the firehose)."""
+        local = self.local
+        topic = follow.topic
+        return bool(local.pattern_count if topic is None else local.subscriber_count(topic))
+
     async def let_go(self, before: float) -> None:
         """Stop following topics nobody here has read since ``before``."""
         idle = [
             f
             for f in self._follows.values()
-            if f.touched < before
-            and not f.loading
-            and not (
-                self.local.pattern_count
-                if f.topic is None
-                else self.local.subscriber_count(f.topic)
-            )
+            if f.touched < before and not f.loading and not self._read_here(f)
         ]
         if not idle:
             return

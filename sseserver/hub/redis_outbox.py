@@ -74,14 +74,18 @@ class Outbox:
         shape: Shape,
         *,
         limit: int = LIMIT_BYTES,
+        owner_of: Callable[[str], str | None] = lambda _topic: None,
     ) -> None:
         self._client = client
+        self._owner_of = owner_of
         self.origin = origin
         self.shape = shape
         self.limit = limit
         self.held = 0  # bytes of the queued updates
         self.dropped = 0  # updates that never reached Redis (the queue overflowed)
         self.writes = 0  # pipelines sent
+        self.refused = 0  # updates Redis refused (dropped: a retry would fail again)
+        self.sequence = 0  # entries written by this instance: readers take each once
         self._queue: deque[_Item] = deque()
         self._ready = asyncio.Event()
         self._gaps: Counter[tuple[str, ...]] = Counter()  # dropped, per topics, untold
@@ -144,48 +148,56 @@ class Outbox:
 
     def _calls(self, batch: list[_Item], gaps: Counter[tuple[str, ...]]) -> list[tuple[Any, ...]]:
         """The script calls for a batch: (stream key, max length, entry, channel, how long
-        the stream lives on idle) each. Gaps go first: the updates they stand for are
-        older than any still queued."""
+        the stream lives on idle, the index of its item in ``batch`` or -1 for a gap)
+        each. Gaps go first: the updates they stand for are older than any still queued.
+        Every entry carries this instance's sequence number (readers take each once,
+        whichever topic or the firehose brings it) and its topic's owner (a reader may
+        load a generation's stream after its first entry was trimmed)."""
         calls: list[tuple[Any, ...]] = []
         shape = self.shape
         idle = shape.idle_ms
         for topics, missed in gaps.items():
-            raw = encode_gap(self.origin, topics, missed)
+            self.sequence += 1
+            raw = encode_gap(self.origin, self.sequence, topics, missed)
             for topic in topics:
-                calls.append((stream_key(topic), shape.topic_len, raw, channel_of(topic), idle))
-        for item in batch:
+                calls.append((stream_key(topic), shape.topic_len, raw, channel_of(topic), idle, -1))
+        owner_of = self._owner_of
+        for index, item in enumerate(batch):
             update = item.update
+            self.sequence += 1
             raw = encode_entry(
                 self.origin,
+                self.sequence,
                 update.topics,
                 update.id,
                 bytes(update.frame.raw),
                 private=update.private,
                 final=update.final,
-                owner=update.owner,
+                owner=update.owner if update.owner is not None else owner_of(update.topic),
                 firehose=item.firehose,
             )
             lives = shape.ended_ms if update.final else idle
             for topic in update.topics:
-                calls.append((stream_key(topic), shape.topic_len, raw, channel_of(topic), lives))
+                key, channel = stream_key(topic), channel_of(topic)
+                calls.append((key, shape.topic_len, raw, channel, lives, index))
             if item.firehose:
-                calls.append((stream_key(None), shape.firehose_len, raw, channel_of(None), idle))
+                key, channel = stream_key(None), channel_of(None)
+                calls.append((key, shape.firehose_len, raw, channel, idle, index))
         return calls
 
-    async def _send(self, calls: list[tuple[Any, ...]]) -> None:
-        """One pipeline of script calls; raises on a connection error. EVAL with the
-        script's text, not EVALSHA: Redis compiles it once and keeps it, a restarted
-        server or a new shard needs no loading first, and cluster pipelines take it."""
+    async def _send(self, calls: list[tuple[Any, ...]]) -> list[Exception | None]:
+        """One pipeline of script calls; each call's error (None: written). Raises when
+        the pipeline as a whole fails (the connection). EVAL with the script's text, not
+        EVALSHA: Redis compiles it once and keeps it, a restarted server or a new shard
+        needs no loading first, and cluster pipelines take it."""
         client = self._client()
         if client is None:
             raise ConnectionError("redis is not connected")
         async with client.pipeline(transaction=False) as pipe:
-            for key, length, raw, channel, lives_ms in calls:
+            for key, length, raw, channel, lives_ms, _index in calls:
                 pipe.eval(APPEND_SCRIPT, 1, key, length, raw, channel, lives_ms)
             results = await pipe.execute(raise_on_error=False)
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
+        return [r if isinstance(r, Exception) else None for r in results]
 
     async def write_forever(self) -> None:
         failures = 0
@@ -204,19 +216,51 @@ class Outbox:
             last_write = loop.time()
             gaps, self._gaps = self._gaps, Counter()
             batch = self._next_batch()
+            calls = self._calls(batch, gaps)
             try:
-                await self._send(self._calls(batch, gaps))
+                errors = await self._send(calls)
             except CONNECTION_ERRORS as exc:
                 self._failed(batch, gaps, exc)
                 await asyncio.sleep(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)])
                 failures += 1
                 continue
+            again = self._sort_errors(batch, calls, errors)
+            if again:  # some calls lost their connection: those items (only) again
+                self._failed(again, Counter(), ConnectionError("part of a write failed"))
+                await asyncio.sleep(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)])
+                failures += 1
+            else:
+                failures = 0
+                self._overflowing = False
             self.writes += 1
-            failures = 0
-            self._overflowing = False
             for item in batch:
                 if item.acked is not None and not item.acked.done():
                     item.acked.set_result(None)
+
+    def _sort_errors(
+        self, batch: list[_Item], calls: list[tuple[Any, ...]], errors: list[Exception | None]
+    ) -> list[_Item]:
+        """Items whose calls Redis refused (out of memory, a key of another type) are
+        dropped and counted: writing them again would fail again and hold up the queue.
+        Items whose calls lost their connection are returned, to be written again; the
+        calls of theirs that went through may then be written twice (readers take an
+        entry once by its sequence number)."""
+        again: dict[int, _Item] = {}
+        for call, error in zip(calls, errors, strict=True):
+            index = call[-1]
+            if error is None or index < 0:
+                continue
+            item = batch[index]
+            if isinstance(error, (ConnectionError, OSError, TimeoutError)) or (
+                isinstance(error, RedisError) and "connection" in str(error).lower()
+            ):
+                again[index] = item
+                continue
+            self.refused += 1
+            if item.acked is not None and not item.acked.done():
+                item.acked.set_exception(ConnectionError(f"redis refused it: {error}"))
+            log.warning("redis hub: Redis refused an update (%s); dropped", error)
+        return [again[i] for i in sorted(again)]
 
     def _failed(
         self, batch: list[_Item], gaps: Counter[tuple[str, ...]], exc: BaseException

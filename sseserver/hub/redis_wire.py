@@ -52,9 +52,11 @@ def channel_of(topic: str | None) -> str:
 @dataclass(slots=True)
 class Entry:
     """One decoded entry: an update or, with ``gap`` set, a count of updates that never
-    reached Redis."""
+    reached Redis. ``origin`` and ``sequence`` name it uniquely (an update written to
+    several topics and the firehose is one entry in each)."""
 
     origin: str
+    sequence: int
     topics: tuple[str, ...]
     event_id: str = ""
     sse: bytes = b""
@@ -67,6 +69,7 @@ class Entry:
 
 def encode_entry(
     origin: str,
+    sequence: int,
     topics: tuple[str, ...],
     event_id: str,
     sse: bytes,
@@ -76,7 +79,7 @@ def encode_entry(
     owner: str | None = None,
     firehose: bool = False,
 ) -> bytes:
-    header: dict[str, object] = {"o": origin, "t": topics, "i": event_id}
+    header: dict[str, object] = {"o": origin, "s": sequence, "t": topics, "i": event_id}
     if private:
         header["p"] = 1
     if final:
@@ -88,8 +91,8 @@ def encode_entry(
     return json.dumps(header, separators=(",", ":")).encode() + b"\n" + sse
 
 
-def encode_gap(origin: str, topics: tuple[str, ...], missed: int) -> bytes:
-    header = {"o": origin, "t": topics, "gap": missed}
+def encode_gap(origin: str, sequence: int, topics: tuple[str, ...], missed: int) -> bytes:
+    header = {"o": origin, "s": sequence, "t": topics, "gap": missed}
     return json.dumps(header, separators=(",", ":")).encode() + b"\n"
 
 
@@ -105,13 +108,14 @@ def decode_entry(raw: bytes) -> Entry:
     origin = header["o"]
     if not topics or not all(isinstance(t, str) and t for t in topics):
         raise ValueError("bad topics")
-    if not isinstance(origin, str):
+    sequence = header.get("s", 0)
+    if not isinstance(origin, str) or not isinstance(sequence, int):
         raise ValueError("bad origin")
     gap = header.get("gap", 0)
     if gap:
         if not isinstance(gap, int) or gap < 0:
             raise ValueError("bad gap")
-        return Entry(origin, topics, gap=gap)
+        return Entry(origin, sequence, topics, gap=gap)
     event_id = header["i"]
     owner = header.get("w")
     if not isinstance(event_id, str) or not event_id or not sse:
@@ -120,6 +124,7 @@ def decode_entry(raw: bytes) -> Entry:
         raise ValueError("bad owner")
     return Entry(
         origin,
+        sequence,
         topics,
         event_id,
         sse,

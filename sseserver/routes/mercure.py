@@ -216,6 +216,7 @@ def _check_origin(request: Request, base: str, allowed: tuple[str, ...] | list[s
         origin = f"{scheme}://{rest.split('/', 1)[0]}" if rest else ""
     own = base.split("/.well-known/", 1)[0]
     own_origin = "/".join(own.split("/")[:3])
-    if origin and (origin == own_origin or origin in allowed or "*" in allowed):
+    # Only origins named: a CORS allowlist of "*" does not vouch for a cookie's page.
+    if origin and (origin == own_origin or origin in allowed):
         return
     raise HTTPError(403, "forbidden", "a cookie-authorized publish needs an allowed Origin")

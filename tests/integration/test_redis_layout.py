@@ -16,6 +16,7 @@ import pytest
 
 from sseserver.hub.base import Subscription
 from sseserver.hub.redis_wire import channel_of, encode_entry, stream_key
+from sseserver.wire.chunked import Frame
 from tests.support.hubs import Reader, started_hubs
 from tests.support.redis_server import redis_running
 from tests.support.waits import eventually
@@ -87,10 +88,54 @@ async def test_history_past_its_age_is_not_loaded(tmp_path: Path) -> None:
         async with started_hubs(redis.url, 1, history_age_s=60, resume_window_s=60) as (b,):
             client = b.redis
             key = stream_key("old")
-            entry = encode_entry("elsewhere", ("old",), "ancient", b"id: ancient\ndata: x\n\n")
+            entry = encode_entry("elsewhere", 1, ("old",), "ancient", b"id: ancient\ndata: x\n\n")
             await client.xadd(key, {"m": entry}, id="1000-0")  # 1970: far past the age
-            fresh = encode_entry("elsewhere", ("old",), "fresh", b"id: fresh\ndata: y\n\n")
+            fresh = encode_entry("elsewhere", 2, ("old",), "fresh", b"id: fresh\ndata: y\n\n")
             await client.xadd(key, {"m": fresh})
             reader = Reader()
             await b.subscribe(Subscription(reader, ("old",)), "earliest")  # type: ignore[arg-type]
             assert [e.last_event_id for e in reader.events()] == ["fresh"]
+
+
+async def test_a_generations_owner_outlives_the_trimming_of_its_first_entry(
+    tmp_path: Path,
+) -> None:
+    """Every entry of a topic carries its owner: an instance that loads a long
+    generation's stream after its first entry was trimmed still knows whose it is."""
+    with redis_running(tmp_path / "redis") as redis:
+        async with started_hubs(redis.url, 2, history=10) as (a, b):
+            topic = ("streams/long",)
+            a.dispatch(a.make_update(topic, "start", id="long:1", owner="alice"))
+            for n in range(2, 400):
+                a.dispatch(a.update_of(topic, f"long:{n}", Frame.of(f"data: {n}\n\n".encode())))
+            client = a.redis
+
+            async def trimmed() -> bool:
+                first = await client.xrange(stream_key(topic[0]), count=1)
+                return bool(first) and b"long:1" not in first[0][1][b"m"]
+
+            await eventually(trimmed, 10, "the first entry trimmed away")
+            await b.fetch(topic)
+            assert b.owner(topic[0]) == "alice"
+
+
+async def test_an_entry_brought_by_two_follows_is_taken_once(tmp_path: Path) -> None:
+    """A Mercure update is in its topic's stream and in the firehose: a pattern reader
+    arriving after the topic was loaded does not add its copies to history again."""
+    with redis_running(tmp_path / "redis") as redis:
+        async with started_hubs(redis.url, 2) as (a, b):
+            for n in range(5):
+                await a.publish(("one",), f"d{n}", id=f"e{n}")
+            first = Reader()
+            await b.subscribe(Subscription(first, ("one",)), "earliest")  # type: ignore[arg-type]
+            wild = Reader()
+            await b.subscribe(Subscription(wild, ("*",)), "earliest")  # type: ignore[arg-type]
+            await a.publish(("one",), "live", id="e5")
+            want = [f"e{n}" for n in range(6)]
+            await eventually(lambda: len(first.events()) == 6, 5, "e5 at the exact reader")
+            await eventually(lambda: len(wild.events()) == 6, 5, "e5 at the pattern reader")
+            assert [e.last_event_id for e in first.events()] == want
+            assert [e.last_event_id for e in wild.events()] == want
+            again = Reader()
+            await b.subscribe(Subscription(again, ("one",)), "earliest")  # type: ignore[arg-type]
+            assert [e.last_event_id for e in again.events()] == want

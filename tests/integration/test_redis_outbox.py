@@ -101,7 +101,7 @@ async def test_outbox_is_bounded_and_other_instances_hear_of_the_gap(tmp_path: P
 async def test_malformed_entries_are_skipped_and_reading_goes_on(tmp_path: Path) -> None:
     """Entries this hub did not write, in a topic's stream (read as history) and on its
     channel (read live), are skipped with a warning; good entries around them arrive."""
-    good = encode_entry("elsewhere", TOPIC, "h1", b"id: h1\ndata: early\n\n")
+    good = encode_entry("elsewhere", 1, TOPIC, "h1", b"id: h1\ndata: early\n\n")
     bad = [
         b"no header line",
         b"not json\n" + b"data: x\n\n",
@@ -109,7 +109,7 @@ async def test_malformed_entries_are_skipped_and_reading_goes_on(tmp_path: Path)
         json.dumps({"o": "elsewhere", "t": [1], "i": "bad3"}).encode() + b"\nx",
         json.dumps({"o": "elsewhere", "t": list(TOPIC), "i": ""}).encode() + b"\nx",
         json.dumps({"o": "elsewhere", "t": list(TOPIC), "gap": "many"}).encode() + b"\n",
-        encode_gap("elsewhere", (), 3),
+        encode_gap("elsewhere", 2, (), 3),
     ]
     with redis_running(tmp_path / "redis") as redis:
         async with started_hubs(redis.url, 2) as (a, b):
@@ -160,3 +160,22 @@ async def test_redis_unreachable_at_start_then_there(tmp_path: Path) -> None:
             assert redis.running
     finally:
         await hub.aclose()
+
+
+async def test_an_update_redis_refuses_is_dropped_and_the_rest_flows(tmp_path: Path) -> None:
+    """A call Redis refuses for good (here a key of another type: WRONGTYPE; in life also
+    OOM under maxmemory) is dropped and counted, not retried forever at the head of the
+    queue; the updates after it reach the other instance."""
+    with redis_running(tmp_path / "redis") as redis:
+        async with started_hubs(redis.url, 2) as (a, b):
+            await a.redis.set(stream_key("blocked"), "not a stream")
+            there = Reader()
+            await b.subscribe(Subscription(there, TOPIC), None)  # type: ignore[arg-type]
+            a.dispatch(a.make_update(("blocked",), "refused", id="x1"))
+            publish(a, 1)
+            await eventually(lambda: len(there.events()) == 1, 5, "u1 after the refused one")
+            assert a.outbox.refused == 1
+            with pytest.raises(ConnectionError):
+                await a.publish(("blocked",), "refused too", id="x2")
+            publish(a, 2)
+            await eventually(lambda: len(there.events()) == 2, 5, "u2 after the refused publish")

@@ -863,3 +863,14 @@ async def test_subscriber_disconnect_unsubscribes() -> None:
         await eventually(lambda: ctx.hub.subscriber_count() == 0, what="all unsubscribed")
         await _seed(server.port, BOOK1, 3)  # publishing to nobody is fine
         assert not server.state.streams.streams
+
+
+async def test_an_id_beyond_latin_1_is_echoed_in_headers_as_utf_8() -> None:
+    """An update id may be any text; the head that echoes it (Last-Event-ID) is written as
+    UTF-8 instead of failing every later subscription with a 500."""
+    async with app_server() as (server, _ctx):
+        resp = await publish_one_shot(server.port, [("topic", "t"), ("data", "x"), ("id", "☃")])
+        assert resp.status == 200
+        client, head, _reader = await subscribe(server.port, sub_target("other"))
+        async with client:
+            assert head.header("last-event-id") == "☃".encode().decode("latin-1")

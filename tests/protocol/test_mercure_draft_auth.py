@@ -535,3 +535,24 @@ async def test_protected_resource_metadata() -> None:
             "mercure_matcher_types_supported": ["exact", "urlpattern"],
             "mercure_subscriptions": True,
         }
+
+
+async def test_a_cors_wildcard_does_not_vouch_for_a_cookie_publish() -> None:
+    """§10: ``--cors-origins '*'`` lets any page read responses, never publish with the
+    cookie (a form POST needs no preflight)."""
+    token = access_token(detail(["publish"], "*"))
+    cookie = ("Cookie", f"__Secure-mercure_access_token={token}")
+    form = ("Content-Type", "application/x-www-form-urlencoded")
+    async with app_server(jwt_secret=SECRET, cors_origins=("*",)) as (server, _ctx):
+        evil = await request(
+            server.port,
+            "POST",
+            PATH,
+            [cookie, form, ("Origin", "https://evil.example")],
+            b"topic=x",
+        )
+        assert evil.status == 403
+        own = await request(
+            server.port, "POST", PATH, [cookie, form, ("Origin", "http://127.0.0.1")], b"topic=x"
+        )
+        assert own.status == 200
