@@ -105,9 +105,11 @@ class MemoryHub:
         self._stale = 0  # entries of _by_age no longer held (dropped by count or topic)
         # By id, the earliest held update with that id (a reused id resolves to it, as
         # draft-08 §6 says); keys in the order of their latest use, so the last key is the
-        # newest update's id. ``_reused``: how many later updates hold each reused id.
+        # newest update's id. ``_reused``: the later updates holding each reused id, in
+        # order (one of them becomes the earliest when the earliest leaves: O(1), not a
+        # scan of all history).
         self._by_id: dict[str, Update] = {}
-        self._reused: dict[str, int] = {}
+        self._reused: dict[str, deque[Update]] = {}
         self._owners: dict[str, str] = {}  # generation topic -> its owner's subject
         self._exact: dict[str, set[Subscription]] = {}
         self._wild: set[Subscription] = set()
@@ -300,7 +302,10 @@ class MemoryHub:
             self._by_id[update.id] = update
         else:
             self._by_id[update.id] = first  # the earliest, its key now the newest
-            self._reused[update.id] = self._reused.get(update.id, 0) + 1
+            later = self._reused.get(update.id)
+            if later is None:
+                later = self._reused[update.id] = deque()
+            later.append(update)
         self._by_age.append(update)
         self.held_bytes += cost
         if self.held_bytes > self.history_bytes:
@@ -326,19 +331,19 @@ class MemoryHub:
         self.held_bytes -= update.cost
         update.cost = 0
         event_id = update.id
-        reused = self._reused.get(event_id)
-        if reused:
-            if reused == 1:
+        later = self._reused.get(event_id)
+        if self._by_id.get(event_id) is not update:
+            if later is not None:  # a later holder of a reused id (scans that id's only)
+                later.remove(update)
+                if not later:
+                    del self._reused[event_id]
+            return
+        if later:
+            self._by_id[event_id] = later.popleft()  # the next with its id is the earliest
+            if not later:
                 del self._reused[event_id]
-            else:
-                self._reused[event_id] = reused - 1
-            if self._by_id.get(event_id) is update:  # the next with its id is the earliest
-                later = next((u for u in self._by_age if u.cost and u.id == event_id), None)
-                if later is None:
-                    del self._by_id[event_id]
-                else:
-                    self._by_id[event_id] = later
-        elif self._by_id.get(event_id) is update:
+        else:
+            self._reused.pop(event_id, None)
             del self._by_id[event_id]
 
     def _drop_oldest(self) -> None:
