@@ -485,6 +485,22 @@ async def test_reused_id_is_delivered_and_resolves_to_the_earliest() -> None:
     assert hub._reused == {}
 
 
+async def test_a_reused_id_across_topics_keeps_only_held_holders() -> None:
+    """The earliest holder lives in a quiet topic while later ones churn in a busy one:
+    the id still names the earliest, and the holders that left are not kept around."""
+    hub = MemoryHub(history=3)
+    await hub.publish(("quiet",), "first", id="same")
+    for n in range(50):
+        await hub.publish(("busy",), f"n{n}", id="same")
+    first = hub.get("same")
+    assert first is not None and first.topics == ("quiet",)
+    assert len(hub._reused["same"]) == 3  # the busy topic's three held copies, no more
+    for n in range(3):  # the quiet topic turns over: the next holder takes over at once
+        await hub.publish(("quiet",), f"q{n}", id=f"q{n}")
+    nxt = hub.get("same")
+    assert nxt is not None and nxt.topics == ("busy",) and len(hub._reused["same"]) == 2
+
+
 async def test_generated_ids_are_unique_urns() -> None:
     hub = MemoryHub()
     ids = {await hub.publish(("t",), "d") for _ in range(100)}
