@@ -284,7 +284,7 @@ def register(app: Application, ctx: Context) -> None:
         if presence is not None:
             await ctx.hub.fetch((topic,))
             if not ctx.hub.held(topic):  # its first events may still be on their way
-                await ctx.hub.knows(f"{gen_id}:1", REMOTE_CATCH_UP_S)
+                await ctx.hub.knows(f"{gen_id}:0", REMOTE_CATCH_UP_S)  # its start event
         if (
             presence is None
             or not ctx.hub.held(topic)
