@@ -110,6 +110,9 @@ class MemoryHub:
         # scan of all history).
         self._by_id: dict[str, Update] = {}
         self._reused: dict[str, deque[Update]] = {}
+        # Per topic, the held updates whose first topic is another (oldest first): a
+        # resume on any of an update's topics finds it.
+        self._also: dict[str, list[Update]] = {}
         self._owners: dict[str, str] = {}  # generation topic -> its owner's subject
         self._exact: dict[str, set[Subscription]] = {}
         self._wild: set[Subscription] = set()
@@ -297,6 +300,14 @@ class MemoryHub:
             self._stale += 1
         held.append(update)
         cost = update.cost = update_cost(update)
+        if len(update.topics) > 1:  # held under its first topic, found under the others
+            for other in update.topics[1:]:
+                also = self._also.get(other)
+                if also is None:
+                    also = self._also[other] = []
+                also.append(update)
+                if len(also) > self.history:  # as many as a topic holds, no more
+                    del also[0]
         first = self._by_id.pop(update.id, None)
         if first is None:
             self._by_id[update.id] = update
@@ -330,6 +341,13 @@ class MemoryHub:
         """Account for ``update`` leaving history (its topic's list already let it go)."""
         self.held_bytes -= update.cost
         update.cost = 0
+        if len(update.topics) > 1:
+            for other in update.topics[1:]:
+                also = self._also.get(other)
+                while also and not also[0].cost:  # those gone, oldest first
+                    del also[0]
+                if also is not None and not also:
+                    del self._also[other]
         event_id = update.id
         later = self._reused.get(event_id)
         if self._by_id.get(event_id) is not update:
@@ -427,6 +445,7 @@ class MemoryHub:
         self._expire(time.monotonic())
         if sub.exact:
             held_lists = [self._topics[t] for t in sub.selectors if t in self._topics]
+            held_lists += [self._also[t] for t in sub.selectors if t in self._also]
         else:
             held_lists = list(self._topics.values())
         if last_event_id == EARLIEST:
@@ -441,7 +460,7 @@ class MemoryHub:
             for update in reversed(held):
                 if update.seq <= after:
                     break
-                if update.seq not in found and sub.wants(update):
+                if update.cost and update.seq not in found and sub.wants(update):
                     found[update.seq] = update
         return [found[k] for k in sorted(found)], True
 

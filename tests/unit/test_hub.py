@@ -760,3 +760,21 @@ def test_every_backend_is_a_hub() -> None:
 
     hubs = as_hubs(MemoryHub(), RedisHub("redis://127.0.0.1:1/0"))
     assert [h.held_bytes for h in hubs] == [0, 0]
+
+
+async def test_a_resume_on_any_of_an_updates_topics_replays_it() -> None:
+    """An update published to several topics is held once, under its first, and found
+    by a resume on each of the others; gone from all when it leaves history."""
+    hub = MemoryHub(history=3)
+    await hub.publish(("a",), "before", id="x0")
+    await hub.publish(("a", "b"), "both", id="x1")
+    await hub.publish(("b",), "b only", id="x2")
+    on_b, _, found = await attach(hub, "b", last_event_id="earliest")
+    assert found and on_b.ids == ["x1", "x2"]
+    on_b_after, _, found = await attach(hub, "b", last_event_id="x0")
+    assert found and on_b_after.ids == ["x1", "x2"]
+    for n in range(3):  # topic a turns over: x1 leaves history
+        await hub.publish(("a",), "later", id=f"a{n}")
+    gone, _, _ = await attach(hub, "b", last_event_id="earliest")
+    assert gone.ids == ["x2"]
+    assert "b" not in hub._also
