@@ -22,10 +22,11 @@ from pathlib import Path
 import jwt
 import pytest
 
-from sseserver.providers.synthetic import token_text
 from tests.support.hubclient import (
+    assert_resumed,
     await_status,
     logs,
+    move_mid_generation,
     publish,
     publish_ok,
     request,
@@ -35,9 +36,7 @@ from tests.support.rawhttp import (
     SSEReader,
     open_stream,
     read_until_id,
-    seq_of,
     start_generation,
-    text_of,
 )
 from tests.support.redis_server import (
     RedisServer,
@@ -135,34 +134,10 @@ async def test_generation_started_on_a_resumes_on_b(tmp_path: Path) -> None:
         sseserver_running(tmp_path, *server_args(redis, "--resume-grace-s", grace), name="a") as a,
         sseserver_running(tmp_path, *server_args(redis, "--resume-grace-s", grace), name="b") as b,
     ):
-        query = f"tokens={tokens}&interval_ms=20"
-        client, resp, reader = await open_stream(a.port, f"/v1/stream?{query}")
-        async with client:
-            assert resp.status == 200
-            await reader.until(lambda r: len(r.parser.events) >= 5)
-        first = list(reader.parser.events)
-        gen_id = json.loads(first[0].data)["id"]
         # EventSource waits its retry time (2 s by default) before it reconnects; a
         # fraction of that lets A's updates reach B through Redis, as they would have.
-        await asyncio.sleep(0.3)
-        # It reconnects; nginx (no sticky sessions) sends it to B this time.
-        client, resp, reader = await open_stream(
-            b.port, f"/v1/stream?{query}", headers=[("Last-Event-ID", first[-1].last_event_id)]
-        )
-        async with client:
-            assert resp.status == 200
-            rest = await reader.rest(within=20)
-        assert "start" not in [e.type for e in rest], "a new generation was started on B"
-        assert all(e.last_event_id.startswith(f"{gen_id}:") for e in rest)
-        assert [seq_of(e) for e in rest] == list(
-            range(seq_of(first[-1]) + 1, seq_of(first[-1]) + 1 + len(rest))
-        )
-        errors = [json.loads(e.data) for e in rest if e.type == "error"]
-        assert errors == [], (
-            f"the generation on A was ended while its viewer watched on B: {errors}"
-        )
-        assert rest[-1].data == "[DONE]"
-        assert text_of(first) + text_of(rest) == "".join(token_text(i) for i in range(tokens))
+        first, rest = await move_mid_generation(a, b, tokens, pause_s=0.3)
+        assert_resumed(first, rest, tokens)
 
 
 async def test_immediate_reconnect_to_b_resumes_instead_of_starting_anew(

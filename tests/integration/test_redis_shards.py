@@ -21,14 +21,16 @@ import pytest
 
 from sseserver.providers.synthetic import token_text
 from tests.support.hubclient import (
+    assert_resumed,
     await_status,
     logs,
     metric,
+    move_mid_generation,
     publish_ok,
     request,
     subscribe,
 )
-from tests.support.rawhttp import open_stream, read_until_id, seq_of, text_of
+from tests.support.rawhttp import open_stream, read_until_id, text_of
 from tests.support.redis_cluster import redis_cluster_running
 from tests.support.redis_server import ServerProcess, redis_running, sseserver_running
 
@@ -88,27 +90,8 @@ async def test_resume_on_another_instance(hub_url: str, tmp_path: Path) -> None:
     tokens = 150  # ~3 s at 20 ms a token: still running long after the move to B
     with ExitStack() as stack:
         a, b = instances(stack, tmp_path, hub_url, "a", "b", extra=("--resume-grace-s", "2"))
-        query = f"tokens={tokens}&interval_ms=20"
-        client, resp, reader = await open_stream(a.port, f"/v1/stream?{query}")
-        async with client:
-            assert resp.status == 200
-            await reader.until(lambda r: len(r.parser.events) >= 5)
-        first = list(reader.parser.events)
-        gen_id = json.loads(first[0].data)["id"]
-        client, resp, reader = await open_stream(
-            b.port, f"/v1/stream?{query}", headers=[("Last-Event-ID", first[-1].last_event_id)]
-        )
-        async with client:
-            assert resp.status == 200, logs(a, b)
-            rest = await reader.rest(within=20)
-        assert "start" not in [e.type for e in rest], "a new generation was started on B"
-        assert [seq_of(e) for e in rest] == list(
-            range(seq_of(first[-1]) + 1, seq_of(first[-1]) + 1 + len(rest))
-        )
-        assert [e for e in rest if e.type == "error"] == []
-        assert rest[-1].data == "[DONE]"
-        assert text_of(first) + text_of(rest) == "".join(token_text(i) for i in range(tokens))
-        assert all(e.last_event_id.startswith(f"{gen_id}:") for e in rest)
+        first, rest = await move_mid_generation(a, b, tokens)
+        assert_resumed(first, rest, tokens)
 
 
 async def test_cancel_from_another_instance(hub_url: str, tmp_path: Path) -> None:

@@ -28,7 +28,8 @@ from tests.protocol.test_mercure import (
     publish_one_shot,
     subscribe,
 )
-from tests.support.rawhttp import RawClient, Response, open_stream, read_until_id
+from tests.support.hubclient import request
+from tests.support.rawhttp import Response, open_stream, read_until_id
 from tests.support.servers import app_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -89,18 +90,6 @@ PUBLISHER = access_token(detail(["publish"], "*"))
 
 def target(*pairs: tuple[str, str]) -> str:
     return f"{PATH}?{urlencode(list(pairs))}"
-
-
-async def request(
-    port: int,
-    method: str,
-    path: str,
-    headers: Iterable[tuple[str, str]] = (),
-    body: bytes = b"",
-) -> Response:
-    async with await RawClient.connect(port) as client:
-        client.request(method, path, list(headers), body)
-        return await client.response()
 
 
 async def post(

@@ -26,9 +26,9 @@ from tests.protocol.test_mercure_draft import (
     detail,
     post,
     published,
-    request,
     target,
 )
+from tests.support.hubclient import request
 from tests.support.rawhttp import Response, SSEReader, read_until_id
 from tests.support.servers import app_server
 from tests.support.waits import eventually

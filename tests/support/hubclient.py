@@ -4,12 +4,15 @@ ask and poll one server process by port (``tests.support.redis_server``'s proces
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterable
 from urllib.parse import urlencode
 
-from tests.support.rawhttp import RawClient, Response, SSEReader, open_stream
+from sseserver.providers.synthetic import token_text
+from tests.support.rawhttp import RawClient, Response, SSEReader, open_stream, seq_of, text_of
 from tests.support.redis_server import ServerProcess
+from tests.support.sse_parser import Event
 
 PATH = "/.well-known/mercure"
 FORM = [("Content-Type", "application/x-www-form-urlencoded")]
@@ -82,3 +85,40 @@ async def metric(port: int, name: str) -> float:
 
 def logs(*servers: ServerProcess) -> str:
     return "\n".join(f"--- {s.log_path.name}\n{s.log()[-3000:]}" for s in servers)
+
+
+async def move_mid_generation(
+    a: ServerProcess, b: ServerProcess, tokens: int, *, pause_s: float = 0.0
+) -> tuple[list[Event], list[Event]]:
+    """A reader of a generation of ``tokens`` (20 ms apart) started on ``a`` leaves after
+    5 events and, ``pause_s`` later, reconnects to ``b`` with its Last-Event-ID (no sticky
+    sessions): (the events it read on a, the events it read on b)."""
+    query = f"tokens={tokens}&interval_ms=20"
+    client, resp, reader = await open_stream(a.port, f"/v1/stream?{query}")
+    async with client:
+        assert resp.status == 200
+        await reader.until(lambda r: len(r.parser.events) >= 5)
+    first = list(reader.parser.events)
+    if pause_s:
+        await asyncio.sleep(pause_s)
+    client, resp, reader = await open_stream(
+        b.port, f"/v1/stream?{query}", headers=[("Last-Event-ID", first[-1].last_event_id)]
+    )
+    async with client:
+        assert resp.status == 200, logs(a, b)
+        rest = await reader.rest(within=20)
+    return first, rest
+
+
+def assert_resumed(first: list[Event], rest: list[Event], tokens: int) -> None:
+    """The same generation went on where the reader left it, to its end, with no error."""
+    gen_id = json.loads(first[0].data)["id"]
+    assert "start" not in [e.type for e in rest], "a new generation was started on B"
+    assert all(e.last_event_id.startswith(f"{gen_id}:") for e in rest)
+    assert [seq_of(e) for e in rest] == list(
+        range(seq_of(first[-1]) + 1, seq_of(first[-1]) + 1 + len(rest))
+    )
+    errors = [json.loads(e.data) for e in rest if e.type == "error"]
+    assert errors == [], f"the generation on A was ended while its viewer watched on B: {errors}"
+    assert rest[-1].data == "[DONE]"
+    assert text_of(first) + text_of(rest) == "".join(token_text(i) for i in range(tokens))
