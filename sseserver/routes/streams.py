@@ -182,6 +182,17 @@ def register(app: Application, ctx: Context) -> None:
         if not await generations.join(gen, stream, after_seq, throttle=throttle):
             missed(stream)
 
+    async def fetch_remote(gen_id: str, *, started: bool) -> str:
+        """Load into the hub's mirror a generation another instance may run; its topic.
+        With ``started``, when nothing of it is here yet its start event (``:0``) is
+        awaited a moment: a reader may learn the id from the producing instance before
+        that instance has forwarded the event to Redis, then ask this one."""
+        topic = topic_of(gen_id)
+        await ctx.hub.fetch((topic,))
+        if started and not ctx.hub.held(topic):
+            await ctx.hub.knows(f"{gen_id}:0", REMOTE_CATCH_UP_S)
+        return topic
+
     async def resume_elsewhere(
         gen_id: str, after_seq: int, stream: EventStream, claims: Claims | None
     ) -> bool:
@@ -189,9 +200,8 @@ def register(app: Application, ctx: Context) -> None:
         in this instance's mirror of the history. False when they are not (or are not
         the caller's to see)."""
         hub = ctx.hub
-        topic = topic_of(gen_id)
-        await hub.fetch((topic,))
         last = f"{gen_id}:{after_seq}" if after_seq >= 0 else EARLIEST
+        topic = await fetch_remote(gen_id, started=last == EARLIEST)
         if last == EARLIEST:
             if not hub.held(topic):
                 return False
@@ -279,12 +289,8 @@ def register(app: Application, ctx: Context) -> None:
 
     async def cancel_elsewhere(gen_id: str, stream: EventStream, claims: Claims | None) -> None:
         """A generation another instance runs (its events are in the hub's mirror)."""
-        topic = topic_of(gen_id)
         presence = generations.presence
-        if presence is not None:
-            await ctx.hub.fetch((topic,))
-            if not ctx.hub.held(topic):  # its first events may still be on their way
-                await ctx.hub.knows(f"{gen_id}:0", REMOTE_CATCH_UP_S)  # its start event
+        topic = await fetch_remote(gen_id, started=True) if presence else topic_of(gen_id)
         if (
             presence is None
             or not ctx.hub.held(topic)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jwt
 import pytest
+import redis.asyncio as aioredis
 
 from tests.support.hubclient import (
     assert_resumed,
@@ -171,6 +172,35 @@ async def test_immediate_reconnect_to_b_resumes_instead_of_starting_anew(
         past_end = [("Last-Event-ID", done[-1].last_event_id)]
         resp_b = await request(b.port, "GET", "/v1/stream", past_end)
         assert resp_b.status == 204, resp_b.body[:200]
+
+
+async def test_a_watch_asked_of_b_before_a_has_forwarded_the_start_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """The generation's id reaches its reader from A before A's write of the start event
+    reaches Redis (held here by pausing Redis's writes): a watch opened on B meanwhile
+    waits for it, bounded, rather than answering 404 for a generation that exists."""
+    with (
+        redis_running(tmp_path / "redis") as redis,
+        sseserver_running(tmp_path, *server_args(redis), name="a") as a,
+        sseserver_running(tmp_path, *server_args(redis), name="b") as b,
+    ):
+        async with aioredis.Redis(port=redis.port) as admin:
+            await admin.client_pause(150, all=False)  # WRITE: scripts wait
+            client, resp, reader = await open_stream(a.port, "/v1/stream?tokens=20&interval_ms=10")
+            assert resp.status == 200
+            async with client:
+                await reader.until(lambda r: len(r.parser.events) >= 1)
+                gen_id = json.loads(reader.parser.events[0].data)["id"]
+                watch, watch_resp, watcher = await open_stream(b.port, f"/v1/streams/{gen_id}")
+                async with watch:
+                    assert watch_resp.status == 200, logs(a, b)
+                    watched = await watcher.rest(within=20)
+                await reader.rest(within=20)
+        ids = [e.last_event_id for e in reader.parser.events]
+        assert [e.last_event_id for e in watched] == ids, (watched[:3], ids[:3])
+        missing = await request(b.port, "GET", "/v1/streams/nope")
+        assert missing.status == 404
 
 
 async def test_concurrent_stream_cap_is_shared_across_instances(tmp_path: Path) -> None:
