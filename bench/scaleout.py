@@ -3,8 +3,11 @@ redis-server, then a real 3-node Redis Cluster — each instance carrying the sa
 of its own, so that what grows with the instance count is the cluster's traffic only.
 
 Per instance, for the whole window:
-- ``--generations`` concurrent synthetic generations at 50 token/s, each read by its
-  client (reopened as they end);
+- ``--generations`` concurrent generations at 50 token/s, each read by its client
+  (reopened as they end): relayed by the OpenAI (or Gemini) provider from a fast fake
+  upstream (bench/peers/*_upstream.js, one process for all instances) — the production
+  path: upstream client, wire parser, relay — or, with ``--providers synthetic``, made up
+  by the synthetic provider;
 - ``--subscribers`` Mercure subscribers over ``--topics`` topics of its own, whose
   updates are published through the *next* instance (i + 1 mod N) at ``--publish-rate``
   a second: every instance's subscribers read from Redis what another one wrote.
@@ -17,6 +20,7 @@ per update flat. Results: bench/results/SCALEOUT.md and scaleout.json.
 
     python -m bench.scaleout                     # 1, 2, 4 instances; server and cluster
     python -m bench.scaleout --instances 1,2 --backends server --window-s 5
+    python -m bench.scaleout --providers openai,synthetic   # both, in one table
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -37,6 +42,9 @@ from bench.load.addressing import get_request, publish_builder, stream_target, s
 from bench.load.fanout import FanRun, Publisher
 from bench.load.meters import proc_cpu_s, proc_rss_kb
 from bench.load.streams import END, Dialer, HTTPStream
+from bench.scenarios.proxy import KEYS
+from bench.scenarios.proxy import Row as RelayRow
+from bench.servers import Upstream
 from tests.support.redis_cluster import redis_cluster_running
 from tests.support.redis_server import ServerProcess, redis_running, sseserver_running
 
@@ -45,6 +53,7 @@ TOKENS = 100  # a generation: 2 s at 50 token/s
 INTERVAL_MS = 20
 DATA = b"\ndata:"  # one per event (events follow a blank line or an id/event field)
 TARGET_RATIO = 1.2
+PROVIDERS = ("openai", "gemini", "synthetic")
 
 
 class Counted(HTTPStream):
@@ -83,6 +92,7 @@ class Instance:
 
 @dataclass
 class Row:
+    provider: str
     backend: str
     instances: int
     window_s: float
@@ -100,6 +110,30 @@ class Row:
     offered_per_s: float  # per instance: tokens (and each generation's 3 other events), updates
 
 
+def generation_target(provider: str) -> str:
+    """``/v1/stream`` for a generation of TOKENS tokens every INTERVAL_MS: made up by the
+    synthetic provider, or relayed by ``provider`` from its fake upstream so told."""
+    if provider == "synthetic":
+        return stream_target(TOKENS, INTERVAL_MS, 0)
+    directive = f"tokens={TOKENS} interval_ms={INTERVAL_MS}"
+    return RelayRow("stream", provider, "").request(directive)[0]
+
+
+@contextmanager
+def relaying(provider: str) -> Iterator[tuple[list[str], dict[str, str]]]:
+    """The instances' arguments and environment for ``provider``: a fast fake upstream
+    of it (one Node process for all instances) and its key; nothing for synthetic."""
+    if provider == "synthetic":
+        yield [], dict(os.environ)
+        return
+    upstream = Upstream("node", api=provider)
+    try:
+        args = ["--provider", provider, f"--{provider}-base-url", upstream.base_url]
+        yield args, {**os.environ, **KEYS[provider]}
+    finally:
+        upstream.stop()
+
+
 @contextmanager
 def backend(kind: str, folder: Path) -> Iterator[tuple[str, list[int]]]:
     """``--hub`` and the redis-server PIDs (one, or the cluster's three)."""
@@ -114,10 +148,10 @@ def backend(kind: str, folder: Path) -> Iterator[tuple[str, list[int]]]:
             yield cluster.url.replace("redis://", "redis+cluster://", 1), cluster.pids
 
 
-async def keep_generating(inst: Instance, count: int, until: float) -> None:
+async def keep_generating(inst: Instance, target: str, count: int, until: float) -> None:
     """``count`` generations open at all times until ``until`` (reopened as they end)."""
     port = inst.server.port
-    request = get_request(HOST, port, stream_target(TOKENS, INTERVAL_MS, 0))
+    request = get_request(HOST, port, target)
     dialer = Dialer(HOST, port, count)
 
     async def one() -> None:
@@ -171,7 +205,7 @@ async def publish_at_rate(
 
 
 async def measure(
-    insts: list[Instance], redis_pids: list[int], args: argparse.Namespace, kind: str
+    insts: list[Instance], redis_pids: list[int], args: argparse.Namespace, kind: str, provider: str
 ) -> Row:
     n = len(insts)
     warm_until = time.monotonic() + args.warmup_s
@@ -186,7 +220,8 @@ async def measure(
     for inst, fan in zip(insts, fans, strict=True):
         topics = [f"room-{inst.index}-{k}" for k in range(args.topics)]
         publisher = insts[(inst.index + 1) % n].server.port
-        tasks.append(keep_generating(inst, args.generations, end))
+        target = generation_target(provider)
+        tasks.append(keep_generating(inst, target, args.generations, end))
         tasks.append(publish_at_rate(publisher, topics, args.publish_rate, end, fan))
     running = asyncio.gather(*tasks)
     await asyncio.sleep(max(0.0, warm_until - time.monotonic()))
@@ -210,6 +245,7 @@ async def measure(
     updates = max(1, tokens + published)
     per_event = [c / max(1, g) * 1e6 for c, g in zip(cpu, got, strict=True)]
     return Row(
+        provider=provider,
         backend=kind,
         instances=n,
         window_s=round(window, 2),
@@ -232,30 +268,38 @@ async def measure(
     )
 
 
-async def run_one(kind: str, n: int, args: argparse.Namespace) -> Row:
+async def run_one(provider: str, kind: str, n: int, args: argparse.Namespace) -> Row:
     with TemporaryDirectory(prefix="bench-scaleout-") as tmp, ExitStack() as stack:
         folder = Path(tmp)
         hub, redis_pids = stack.enter_context(backend(kind, folder))
+        relay_args, environ = stack.enter_context(relaying(provider))
         insts = []
         for i in range(n):
             server = stack.enter_context(
-                sseserver_running(folder, "--hub", hub, "--log-level", "warning", name=f"i{i}")
+                sseserver_running(
+                    folder,
+                    *("--hub", hub, "--log-level", "warning", *relay_args),
+                    name=f"i{i}",
+                    environ=environ,
+                )
             )
             insts.append(Instance(server, i))
-        row = await measure(insts, redis_pids, args, kind)
+        row = await measure(insts, redis_pids, args, kind, provider)
         return row
 
 
 def table(rows: list[Row]) -> str:
     out = [
-        "| backend | instances | events/s per instance (of offered) | µs CPU per event (each) "
-        "| worst vs 1 | Redis µs per update | updates/s | RSS MiB (each) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| provider | backend | instances | events/s per instance (of offered) "
+        "| µs CPU per event (each) | worst vs 1 | Redis µs per update | updates/s "
+        "| RSS MiB (each) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rate = sum(r.events_per_instance) / len(r.events_per_instance) / r.window_s
         out.append(
-            f"| {r.backend} | {r.instances} | {rate:,.0f} ({rate / r.offered_per_s:.0%}) | "
+            f"| {r.provider} | {r.backend} | {r.instances} | "
+            f"{rate:,.0f} ({rate / r.offered_per_s:.0%}) | "
             f"{', '.join(f'{u:.1f}' for u in r.us_per_event)} | {r.ratio_to_one:.2f}x | "
             f"{r.redis_us_per_update:.1f} | {r.updates / r.window_s:,.0f} | "
             f"{', '.join(f'{k / 1024:.0f}' for k in r.rss_kb)} |"
@@ -266,6 +310,11 @@ def table(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scaleout", description=__doc__)
     parser.add_argument("--instances", default="1,2,4")
+    parser.add_argument(
+        "--providers",
+        default="openai",
+        help=f"of {', '.join(PROVIDERS)}: openai relays from a fake upstream (the default)",
+    )
     parser.add_argument(
         "--backends", default="memory,server,cluster", help="memory: one instance, no Redis"
     )
@@ -282,13 +331,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     raise_nofile()
     rows: list[Row] = []
-    for kind in args.backends.split(","):
+    providers = args.providers.split(",")
+    unknown = set(providers) - set(PROVIDERS)
+    if unknown:
+        parser.error(f"--providers: unknown {', '.join(sorted(unknown))}")
+    for provider, kind in ((p, k) for p in providers for k in args.backends.split(",")):
         first: float | None = None
         counts = [1] if kind == "memory" else [int(x) for x in args.instances.split(",")]
         for n in counts:
-            print(f"[scaleout] {kind}: {n} instance(s) ...", file=sys.stderr, flush=True)
+            label = f"{provider}, {kind}: {n} instance(s)"
+            print(f"[scaleout] {label} ...", file=sys.stderr, flush=True)
             runs = sorted(
-                (asyncio.run(run_one(kind, n, args)) for _ in range(max(1, args.repeat))),
+                (asyncio.run(run_one(provider, kind, n, args)) for _ in range(max(1, args.repeat))),
                 key=lambda r: r.us_per_event_max,
             )
             row = runs[len(runs) // 2]  # the shared machine is noisy: the median run
@@ -300,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     report = table(rows)
     print(report)
     settings = (
-        f"per instance: {args.generations} generations at 50 token/s, {args.subscribers} "
+        f"per instance: {args.generations} generations at 50 token/s ({args.providers}; "
+        "openai and gemini relayed by the provider's default client from a fake Node "
+        f"upstream), {args.subscribers} "
         f"subscribers on {args.topics} topics, {args.publish_rate:g} publishes/s through the "
         f"next instance; warm-up {args.warmup_s:g} s, window {args.window_s:g} s; the median "
         f"of {args.repeat} run(s) per row (by the worst instance)"
