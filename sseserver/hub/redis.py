@@ -31,7 +31,7 @@ from redis.asyncio.cluster import RedisCluster
 from .base import Subscription, Update, stop_tasks
 from .memory import MemoryHub, MiB
 from .redis_follow import Follower
-from .redis_outbox import CONNECTION_ERRORS, ENTRY_OVERHEAD, LIMIT_BYTES, Outbox, Shape
+from .redis_outbox import CONNECTION_ERRORS, ENTRY_OVERHEAD, LIMIT_BYTES, PER_CALL, Outbox, Shape
 
 __all__ = ["ENTRY_OVERHEAD", "RedisHub"]
 
@@ -102,6 +102,7 @@ class RedisHub:
             ),
             limit=outbox_bytes,
             owner_of=local.owner,
+            per_call=1 if self.cluster else PER_CALL,
         )
         self.follower = Follower(
             self._redis,

@@ -21,7 +21,7 @@ import pytest
 
 from sseserver.hub.base import Subscription
 from sseserver.hub.redis import RedisHub
-from sseserver.hub.redis_outbox import ENTRY_OVERHEAD
+from sseserver.hub.redis_outbox import ENTRY_OVERHEAD, PER_CALL
 from sseserver.hub.redis_wire import channel_of, encode_entry, encode_gap, stream_key
 from tests.support.hubs import Reader, started_hubs
 from tests.support.procs import free_port
@@ -179,3 +179,31 @@ async def test_an_update_redis_refuses_is_dropped_and_the_rest_flows(tmp_path: P
                 await a.publish(("blocked",), "refused too", id="x2")
             publish(a, 2)
             await eventually(lambda: len(there.events()) == 2, 5, "u2 after the refused publish")
+
+
+async def test_a_write_of_many_updates_keeps_their_order_and_drops_only_the_refused(
+    tmp_path: Path,
+) -> None:
+    """On one redis-server a write carries up to PER_CALL entries in each script call: 400
+    updates queued in one loop iteration go in one write (several calls), every tenth to a
+    key Redis refuses; the others reach the other instance in order, once each, and only
+    the refused are dropped and counted."""
+    with redis_running(tmp_path / "redis") as redis:
+        async with started_hubs(redis.url, 2) as (a, b):
+            await a.redis.set(stream_key("blocked"), "not a stream")
+            there = Reader()
+            await b.subscribe(Subscription(there, TOPIC), None)  # type: ignore[arg-type]
+            writes = a.outbox.writes
+            expected = []
+            for n in range(400):
+                if n % 10 == 0:
+                    a.dispatch(a.make_update(("blocked",), "refused", id=f"x{n}"))
+                else:
+                    publish(a, n)
+                    expected.append(f"u{n}")
+            assert a.outbox.per_call == PER_CALL < 400  # one redis-server: several a call
+            await eventually(lambda: len(there.events()) == len(expected), 10, "all accepted")
+            assert [e.last_event_id for e in there.events()] == expected
+            # B may read the last entry before A has read Redis's answer to its write.
+            await eventually(lambda: a.outbox.refused == 40, 5, "the refused counted")
+            assert a.outbox.writes - writes == 1
