@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(PY) -m bench.micro
 	$(PY) -m bench.run --quick
 	$(PY) -m bench.scaleout
+	$(PY) -m bench.outbox
 	$(PY) -m bench.soak --minutes 1 --label no-history $(NO_HISTORY)
 	$(PY) -m bench.soak --minutes 3
 
