@@ -290,7 +290,9 @@ def register(app: Application, ctx: Context) -> None:
     async def cancel_elsewhere(gen_id: str, stream: EventStream, claims: Claims | None) -> None:
         """A generation another instance runs (its events are in the hub's mirror)."""
         presence = generations.presence
-        topic = await fetch_remote(gen_id, started=True) if presence else topic_of(gen_id)
+        topic = topic_of(gen_id)
+        if presence is not None:
+            await fetch_remote(gen_id, started=True)
         if (
             presence is None
             or not ctx.hub.held(topic)
