@@ -26,7 +26,6 @@ from redis.exceptions import RedisError, ResponseError
 
 from .base import Update
 from .redis_wire import (
-    APPEND_MANY_SCRIPT,
     APPEND_SCRIPT,
     channel_of,
     encode_entry,
@@ -69,7 +68,7 @@ class _Item:
 
 
 def _refused(result: Any, size: int) -> list[Exception | None]:
-    """Each entry's error in one APPEND_MANY_SCRIPT call of ``size`` entries, from its
+    """Each entry's error in one APPEND_SCRIPT call of ``size`` entries, from its
     answer: an error for the whole call (its connection, or Redis's), or the refused
     entries' positions (from 1) and messages in pairs."""
     if isinstance(result, Exception):
@@ -218,17 +217,11 @@ class Outbox:
             raise ConnectionError("redis is not connected")
         per_call = self.per_call
         async with client.pipeline(transaction=False) as pipe:
-            if per_call == 1:
-                for key, length, raw, channel, lives_ms, _index in calls:
-                    pipe.eval(APPEND_SCRIPT, 1, key, length, raw, channel, lives_ms)
-            else:
-                for start in range(0, len(calls), per_call):
-                    group = calls[start : start + per_call]
-                    args = [arg for call in group for arg in call[1:5]]
-                    pipe.eval(APPEND_MANY_SCRIPT, len(group), *(c[0] for c in group), *args)
+            for start in range(0, len(calls), per_call):
+                group = calls[start : start + per_call]
+                args = [arg for call in group for arg in call[1:5]]
+                pipe.eval(APPEND_SCRIPT, len(group), *(c[0] for c in group), *args)
             results = await pipe.execute(raise_on_error=False)
-        if per_call == 1:
-            return [r if isinstance(r, Exception) else None for r in results]
         errors: list[Exception | None] = []
         for start, result in zip(range(0, len(calls), per_call), results, strict=True):
             errors.extend(_refused(result, min(per_call, len(calls) - start)))

@@ -22,22 +22,16 @@ PREFIX = "sseserver:"
 FIREHOSE = "{firehose}"  # the key-space name of the all-topics stream and channel
 ENTRY_FIELD = "m"
 
-# XADD (trimmed to about ARGV[1] entries) and SPUBLISH of the same entry, with the
-# stream id in front of the message so that readers order live updates against the
-# history they load; then the stream's idle expiry is pushed back. One slot, one call.
+# For each stream KEYS[i], with ARGV[4i-3 .. 4i]: XADD of the entry (trimmed to about
+# ARGV[4i-3] entries) and SPUBLISH of it on channel ARGV[4i-1], with the stream id in
+# front of the message so that readers order live updates against the history they
+# load; then the stream's idle expiry (ARGV[4i] ms) is pushed back. On a cluster a call
+# holds one stream (a stream and its channel share a slot); on one redis-server, where a
+# script may touch keys of any slot, up to 128: one call per write instead of one per
+# entry costs the instance and Redis less. An entry Redis refuses (WRONGTYPE, OOM) is
+# skipped, the others written; the answer lists only those, its position and Redis's
+# message in pairs (empty when all went in).
 APPEND_SCRIPT = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'm', ARGV[2])
-redis.call('SPUBLISH', ARGV[3], id .. ' ' .. ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return id
-"""
-
-# The same for several entries at once, on one redis-server (where a script may touch
-# keys of any slot): KEYS[i] with ARGV[4i-3 .. 4i] as above. One call per write instead
-# of one per entry costs the instance and Redis less. An entry Redis refuses (WRONGTYPE,
-# OOM) is skipped, the others written; the answer lists only those: its position and
-# Redis's message, in pairs (empty when all went in).
-APPEND_MANY_SCRIPT = """
 local refused = {}
 for i = 1, #KEYS do
   local b = (i - 1) * 4

@@ -24,6 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.support.hubclient import (
+    all_ready,
     assert_resumed,
     await_status,
     logs,
@@ -32,6 +33,7 @@ from tests.support.hubclient import (
     publish_ok,
     request,
     subscribe,
+    watch_from_start,
 )
 from tests.support.rawhttp import (
     SSEReader,
@@ -62,8 +64,7 @@ async def test_publish_on_one_instance_reaches_subscribers_on_another(tmp_path: 
         sseserver_running(tmp_path, *server_args(redis), name="a") as a,
         sseserver_running(tmp_path, *server_args(redis), name="b") as b,
     ):
-        await await_status(a.port, "/readyz", 200, 10)
-        await await_status(b.port, "/readyz", 200, 10)
+        await all_ready(a, b, within=10)
         client_b, reader_b = await subscribe(b.port, "shared")
         client_a, reader_a = await subscribe(a.port, "shared")
         async with client_a, client_b:
@@ -187,17 +188,8 @@ async def test_a_watch_asked_of_b_before_a_has_forwarded_the_start_waits_for_it(
     ):
         async with aioredis.Redis(port=redis.port) as admin:
             await admin.client_pause(150, all=False)  # WRITE: scripts wait
-            client, resp, reader = await open_stream(a.port, "/v1/stream?tokens=20&interval_ms=10")
-            assert resp.status == 200
-            async with client:
-                await reader.until(lambda r: len(r.parser.events) >= 1)
-                gen_id = json.loads(reader.parser.events[0].data)["id"]
-                watch, watch_resp, watcher = await open_stream(b.port, f"/v1/streams/{gen_id}")
-                async with watch:
-                    assert watch_resp.status == 200, logs(a, b)
-                    watched = await watcher.rest(within=20)
-                await reader.rest(within=20)
-        ids = [e.last_event_id for e in reader.parser.events]
+            own, watched = await watch_from_start(a, b, 20)
+        ids = [e.last_event_id for e in own]
         assert [e.last_event_id for e in watched] == ids, (watched[:3], ids[:3])
         missing = await request(b.port, "GET", "/v1/streams/nope")
         assert missing.status == 404
@@ -302,8 +294,7 @@ async def test_cancel_while_redis_is_down_is_503_then_works_once_it_is_back(
             assert all(e.type != "error" for e in reader.parser.events)
 
             redis.start()
-            await await_status(a.port, "/readyz", 200, 15)
-            await await_status(b.port, "/readyz", 200, 15)
+            await all_ready(a, b, within=15)
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:  # until both cancel channels are back
                 answer = await request(b.port, "POST", target)
@@ -422,8 +413,7 @@ async def test_redis_restart_under_load_loses_nothing_acknowledged(
         sseserver_running(tmp_path, *server_args(redis), name="a") as a,
         sseserver_running(tmp_path, *server_args(redis), name="b") as b,
     ):
-        await await_status(a.port, "/readyz", 200, 10)
-        await await_status(b.port, "/readyz", 200, 10)
+        await all_ready(a, b, within=10)
         subscriber = ResumingSubscriber(b.port, "load")
         sub_task = asyncio.create_task(subscriber.run())
         await asyncio.sleep(0.3)

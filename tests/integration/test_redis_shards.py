@@ -21,14 +21,15 @@ import pytest
 
 from sseserver.providers.synthetic import token_text
 from tests.support.hubclient import (
+    all_ready,
     assert_resumed,
-    await_status,
     logs,
     metric,
     move_mid_generation,
     publish_ok,
     request,
     subscribe,
+    watch_from_start,
 )
 from tests.support.rawhttp import open_stream, read_until_id, text_of
 from tests.support.redis_cluster import redis_cluster_running
@@ -58,8 +59,7 @@ def instances(
 async def test_fan_out_across_instances(hub_url: str, tmp_path: Path) -> None:
     with ExitStack() as stack:
         a, b, c = instances(stack, tmp_path, hub_url, "a", "b", "c")
-        for server in (a, b, c):
-            await await_status(server.port, "/readyz", 200, 15)
+        await all_ready(a, b, c)
         client_b, reader_b = await subscribe(b.port, "news")
         client_c, reader_c = await subscribe(c.port, "news")
         async with client_b, client_c:
@@ -71,15 +71,7 @@ async def test_fan_out_across_instances(hub_url: str, tmp_path: Path) -> None:
                 assert [e.last_event_id for e in events] == ids, logs(a, b, c)
                 assert [e.data for e in events] == [f"d{i}" for i in range(30)]
         # A generation on A, watched from C: the same tokens, once each.
-        client, _resp, reader = await open_stream(a.port, "/v1/stream?tokens=40&interval_ms=10")
-        async with client:
-            await reader.until(lambda r: len(r.parser.events) >= 1)
-            gen_id = json.loads(reader.parser.events[0].data)["id"]
-            watch, watch_resp, watcher = await open_stream(c.port, f"/v1/streams/{gen_id}")
-            async with watch:
-                assert watch_resp.status == 200, logs(a, c)
-                seen = await watcher.rest(within=20)
-            own = await reader.rest(within=20)
+        own, seen = await watch_from_start(a, c, 40)
         assert seen[-1].data == "[DONE]" and own[-1].data == "[DONE]"
         ids_seen = [e.last_event_id for e in seen]
         assert len(ids_seen) == len(set(ids_seen))
@@ -97,7 +89,7 @@ async def test_resume_on_another_instance(hub_url: str, tmp_path: Path) -> None:
 async def test_cancel_from_another_instance(hub_url: str, tmp_path: Path) -> None:
     with ExitStack() as stack:
         a, b = instances(stack, tmp_path, hub_url, "a", "b")
-        await await_status(b.port, "/readyz", 200, 15)
+        await all_ready(b)
         client, resp, reader = await open_stream(a.port, "/v1/stream?tokens=100000&interval_ms=20")
         async with client:
             assert resp.status == 200
@@ -114,8 +106,7 @@ async def test_cancel_from_another_instance(hub_url: str, tmp_path: Path) -> Non
 async def test_an_instance_nobody_reads_from_receives_nothing(hub_url: str, tmp_path: Path) -> None:
     with ExitStack() as stack:
         a, idle, c = instances(stack, tmp_path, hub_url, "a", "idle", "c")
-        for server in (a, idle, c):
-            await await_status(server.port, "/readyz", 200, 15)
+        await all_ready(a, idle, c)
         client_c, reader_c = await subscribe(c.port, "busy")
         async with client_c:
             streams = [
@@ -141,7 +132,7 @@ async def test_limits_are_shared_across_instances(hub_url: str, tmp_path: Path) 
     limits = ("--rate", "4/60s", "--max-streams-per-subject", "1")
     with ExitStack() as stack:
         a, b = instances(stack, tmp_path, hub_url, "a", "b", extra=limits)
-        await await_status(b.port, "/readyz", 200, 15)
+        await all_ready(b)
         client, resp, _reader = await open_stream(a.port, "/v1/stream?tokens=100000&interval_ms=50")
         async with client:
             assert resp.status == 200

@@ -83,6 +83,12 @@ async def metric(port: int, name: str) -> float:
     return 0.0
 
 
+async def all_ready(*servers: ServerProcess, within: float = 15) -> None:
+    """Each of ``servers`` answers ``/readyz`` with 200 (its hub connected)."""
+    for server in servers:
+        await await_status(server.port, "/readyz", 200, within)
+
+
 def logs(*servers: ServerProcess) -> str:
     return "\n".join(f"--- {s.log_path.name}\n{s.log()[-3000:]}" for s in servers)
 
@@ -108,6 +114,27 @@ async def move_mid_generation(
         assert resp.status == 200, logs(a, b)
         rest = await reader.rest(within=20)
     return first, rest
+
+
+async def watch_from_start(
+    producer: ServerProcess, other: ServerProcess, tokens: int
+) -> tuple[list[Event], list[Event]]:
+    """A generation of ``tokens`` (10 ms apart) started on ``producer`` and watched from
+    ``other`` (``GET /v1/streams/{id}``) the moment its reader has its id, both read to
+    the end: (every event its reader read, every event the watcher read)."""
+    client, resp, reader = await open_stream(
+        producer.port, f"/v1/stream?tokens={tokens}&interval_ms=10"
+    )
+    assert resp.status == 200
+    async with client:
+        await reader.until(lambda r: len(r.parser.events) >= 1)
+        gen_id = json.loads(reader.parser.events[0].data)["id"]
+        watch, watch_resp, watcher = await open_stream(other.port, f"/v1/streams/{gen_id}")
+        async with watch:
+            assert watch_resp.status == 200, logs(producer, other)
+            seen = await watcher.rest(within=20)
+        await reader.rest(within=20)
+    return list(reader.parser.events), seen
 
 
 def assert_resumed(first: list[Event], rest: list[Event], tokens: int) -> None:
